@@ -1,0 +1,390 @@
+"""Training configuration: a typed schema with a one-line doc per key, the reference's
+command-line syntax on top of it, and validation that explains each rejection in one sentence.
+
+The command line is the DPO reference's (Hydra style), e.g.::
+
+    model=blank_model model.name_or_path=gpt2 datasets=[hh,shp] loss=dpo loss.beta=0.1 \
+        model.archive=/runs/sft/LATEST/policy.pt exp_name=e gradient_accumulation_steps=2
+
+`model=NAME` and `loss=NAME` select a config group (a YAML file in `dpokit/conf/`); every other
+`key=value` (nested keys with dots, lists in brackets) overrides one field of the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import omegaconf
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from dpokit.errors import ConfigError
+
+GROUPS = ("model", "loss")
+DEFAULT_GROUPS = {"model": "tiny", "loss": "sft"}
+PREFERENCE_LOSSES = ("dpo", "ipo")
+TRAINERS = ("BasicTrainer",)
+LIST_KEYS = ("datasets", "local_dirs")
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field carrying its one-line description (shown by `dpokit train --help`)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _doc("hub name or local directory of the model ('tiny' is the bundled one)", MISSING)
+    tokenizer_name_or_path: Optional[str] = _doc("tokenizer to load; null means name_or_path", None)
+    archive: Optional[str] = _doc("checkpoint to start from: a policy.pt, a checkpoint directory or a run directory", None)
+    block_name: Optional[str] = _doc("class name of the transformer block (for FSDP wrapping)", None)
+    policy_dtype: str = _doc("torch dtype of the trained policy", "float32")
+    fsdp_policy_mp: Optional[str] = _doc("mixed-precision dtype for FSDP (unused by BasicTrainer)", None)
+    reference_dtype: str = _doc("torch dtype of the frozen reference model", "float16")
+
+
+@dataclass
+class SFTLossConfig:
+    name: str = _doc("loss: sft", "sft")
+
+
+@dataclass
+class DPOLossConfig:
+    name: str = _doc("loss: dpo", "dpo")
+    beta: float = _doc("DPO temperature; required (e.g. 0.1)", MISSING)
+    label_smoothing: float = _doc("conservative DPO: assumed fraction of flipped labels, in [0, 0.5)", 0.0)
+    reference_free: bool = _doc("ignore the reference model (uniform reference)", False)
+
+
+@dataclass
+class IPOLossConfig:
+    name: str = _doc("loss: ipo", "ipo")
+    beta: float = _doc("IPO regularisation strength; required (e.g. 0.1)", MISSING)
+
+
+LOSS_SCHEMAS = {"sft": SFTLossConfig, "dpo": DPOLossConfig, "ipo": IPOLossConfig}
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = _doc("log to Weights & Biases (needs the wandb package)", False)
+    entity: Optional[str] = _doc("wandb entity", None)
+    project: str = _doc("wandb project", "direct-preference-optimization")
+
+
+@dataclass
+class CheckpointConfig:
+    fsync: bool = _doc("fsync files and directories when saving (durability against power loss)", True)
+    save_optimizer: bool = _doc("also write optimizer.pt and scheduler.pt (needed to resume)", True)
+    keep_last: Optional[int] = _doc("keep only the newest N step-* directories (null: keep all)", None)
+    keep_best: Optional[int] = _doc("also keep the best K step-* directories by checkpoint.best_metric", None)
+    best_metric: str = _doc("eval metric that ranks checkpoints for keep_best and the 'best' pointer", "loss/eval")
+    best_mode: str = _doc("whether the best checkpoint has the min or the max of best_metric", "min")
+    on_error: str = _doc("when a save fails (disk full, permissions): 'raise' stops training, 'warn' goes on", "raise")
+
+
+@dataclass
+class Config:
+    seed: int = _doc("random seed for initialisation and data order", 0)
+    exp_name: str = _doc("name of the experiment; the run directory is {local_dirs[i]}/{user}/{exp_name}_{timestamp}", MISSING)
+    batch_size: int = _doc("training examples per optimizer step (split into gradient_accumulation_steps micro-batches)", 4)
+    eval_batch_size: int = _doc("examples per batch during evaluation and sampling", 16)
+    debug: bool = _doc("debug mode: no checkpoints and no wandb", False)
+    fsdp_port: Optional[int] = _doc("port for the distributed rendezvous (FSDP)", None)
+    datasets: list[str] = _doc("datasets to train on: hh, shp, se, hh_sample, or hh:PATH for a local HH-format file or directory", factory=lambda: ["hh_sample"])
+    wandb: WandbConfig = _doc("Weights & Biases logging", factory=WandbConfig)
+    local_dirs: list[str] = _doc("the first of these that exists holds run directories and caches (the last is created if none does)", factory=lambda: ["/scr-ssd", "/scr", ".cache"])
+    sample_during_eval: bool = _doc("generate samples from the policy (and reference) at each evaluation", True)
+    n_eval_model_samples: int = _doc("number of prompts to sample from at each evaluation", 16)
+    do_first_eval: bool = _doc("evaluate before the first training step", True)
+    local_run_dir: Optional[str] = _doc("run directory; null means a new one under local_dirs", None)
+    lr: float = _doc("peak learning rate", 5e-7)
+    gradient_accumulation_steps: int = _doc("micro-batches per optimizer step", 1)
+    max_grad_norm: float = _doc("gradient norm clipping threshold", 10.0)
+    max_length: int = _doc("maximum tokens in prompt + response", 512)
+    max_prompt_length: int = _doc("maximum prompt tokens when prompt + response is too long", 256)
+    n_epochs: Optional[int] = _doc("epochs to train for (null: n_examples decides)", 1)
+    n_examples: Optional[int] = _doc("training examples to train for (null: n_epochs decides)", None)
+    n_eval_examples: int = _doc("examples in each evaluation", 256)
+    trainer: str = _doc("trainer class: BasicTrainer", "BasicTrainer")
+    optimizer: str = _doc("name of a torch.optim optimizer class", "RMSprop")
+    warmup_steps: int = _doc("optimizer steps of linear learning-rate warmup", 150)
+    activation_checkpointing: bool = _doc("recompute activations in backward to save memory", False)
+    eval_every: int = _doc("evaluate and save a checkpoint every this many training examples", 20_000)
+    minimum_log_interval_secs: float = _doc("do not log training metrics more often than this", 1.0)
+    resume: Optional[str] = _doc("continue a run: a run directory (its newest complete checkpoint) or a checkpoint directory", None)
+    resume_force: bool = _doc("resume even if model, loss or batch size differ from the saved run's config", False)
+    checkpoint: CheckpointConfig = _doc("checkpoint durability and retention", factory=CheckpointConfig)
+    model: Any = _doc("model config group: tiny, blank_model, gpt2-large, pythia28, ... (model=NAME)", None)
+    loss: Any = _doc("loss config group: sft, dpo or ipo (loss=NAME)", None)
+
+
+# --------------------------------------------------------------------------------------------
+# groups
+
+
+def _conf_dir() -> Path:
+    return Path(str(resources.files("dpokit") / "conf"))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (_conf_dir() / group).glob("*.yaml"))
+
+
+def _load_group(group: str, name: str) -> DictConfig:
+    options = group_options(group)
+    if name not in options:
+        raise ConfigError(f"unknown {group} config '{name}' for key '{group}'; choose one of: {', '.join(options)}")
+    raw = OmegaConf.load(_conf_dir() / group / f"{name}.yaml")
+    if group == "model":
+        schema = ModelConfig
+    else:
+        schema = LOSS_SCHEMAS.get(raw.get("name"), SFTLossConfig)
+    return OmegaConf.merge(OmegaConf.structured(schema), raw)
+
+
+# --------------------------------------------------------------------------------------------
+# parsing
+
+
+def _explain(err: omegaconf.errors.OmegaConfBaseException, groups: dict[str, str]) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, (omegaconf.errors.ConfigAttributeError, omegaconf.errors.ConfigKeyError)):
+        group = key.split(".")[0]
+        where = f" for {group}={groups[group]}" if group in groups and "." in key else ""
+        return f"unknown config key '{key}'{where} (run 'dpokit train --help' for the list of keys)"
+    if isinstance(err, omegaconf.errors.ValidationError):
+        value = getattr(err, "value", None)
+        msg = getattr(err, "msg", str(err)).split("\n")[0]
+        return f"bad value {value!r} for config key '{key}': {msg}"
+    if isinstance(err, omegaconf.errors.MissingMandatoryValue):
+        return f"config key '{key}' is required but has no value"
+    return f"bad config at key '{key}': {str(err).splitlines()[0]}"
+
+
+def parse_args(args: list[str], base: Optional[dict] = None) -> DictConfig:
+    """Build the config from `key=value` arguments in the reference's syntax.
+
+    Group choices (`model=...`, `loss=...`) are applied before the field overrides whatever
+    their order, as Hydra does, so `loss.beta=0.1 loss=dpo` works too. `base` (a saved run's
+    config, when resuming) replaces the defaults; a group named on the command line replaces
+    that group of the base.
+    """
+    groups = dict(DEFAULT_GROUPS)
+    named_groups: set[str] = set()
+    dotlist: list[str] = []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"argument '{arg}' is not of the form key=value")
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+")  # Hydra's '+key=' / '++key=' append syntax: same meaning here
+        if not key:
+            raise ConfigError(f"argument '{arg}' has an empty key")
+        if key in GROUPS:
+            groups[key] = value
+            named_groups.add(key)
+        elif key in LIST_KEYS and not value.startswith("["):
+            dotlist.append(f"{key}=[{value}]")  # datasets=hh means datasets=[hh]
+        else:
+            dotlist.append(f"{key}={value}")
+
+    cfg = OmegaConf.structured(Config)
+    with omegaconf.open_dict(cfg):
+        for group in GROUPS:
+            if base is not None and group not in named_groups:
+                saved = base.get(group) or {}
+                schema = ModelConfig if group == "model" else LOSS_SCHEMAS.get(saved.get("name"), SFTLossConfig)
+                cfg[group] = OmegaConf.merge(OmegaConf.structured(schema), saved)
+            else:
+                cfg[group] = _load_group(group, groups[group])
+    OmegaConf.set_struct(cfg, True)
+    if base is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, {k: v for k, v in base.items() if k not in GROUPS})
+        except omegaconf.errors.OmegaConfBaseException as err:
+            raise ConfigError(f"the saved run config does not fit this version: {_explain(err, groups)}") from None
+    try:
+        overrides = OmegaConf.from_dotlist(dotlist)
+    except omegaconf.errors.OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}") from None
+    try:
+        cfg = OmegaConf.merge(cfg, overrides)
+    except omegaconf.errors.OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, groups)) from None
+    return cfg
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Refuse, in one sentence naming the key, any value that would fail later."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    for key in missing:
+        if key == "loss.beta":
+            raise ConfigError(f"config key 'loss.beta' is required for loss={cfg.loss.name} (for example loss.beta=0.1)")
+        if key == "model.name_or_path":
+            raise ConfigError("config key 'model.name_or_path' is required for this model config (a hub name or a local directory)")
+        raise ConfigError(f"config key '{key}' is required but has no value")
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length",
+                "eval_every", "n_eval_examples", "n_epochs", "n_examples", "lr", "max_grad_norm",
+                "checkpoint.keep_last", "checkpoint.keep_best"):
+        positive(key)
+    for key in ("warmup_steps", "n_eval_model_samples", "minimum_log_interval_secs"):
+        positive(key, allow_zero=True)
+
+    if cfg.batch_size % (cfg.gradient_accumulation_steps * world_size) != 0:
+        what = "gradient_accumulation_steps" + (f" * world size ({world_size})" if world_size > 1 else "")
+        raise ConfigError(
+            f"config key 'batch_size' ({cfg.batch_size}) must be divisible by {what} "
+            f"({cfg.gradient_accumulation_steps * world_size})")
+    if cfg.eval_batch_size % world_size != 0:
+        raise ConfigError(f"config key 'eval_batch_size' ({cfg.eval_batch_size}) must be divisible by the world size ({world_size})")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(f"config key 'max_prompt_length' ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length})")
+    if cfg.n_epochs is None and cfg.n_examples is None:
+        raise ConfigError("config keys 'n_epochs' and 'n_examples' are both null; set at least one")
+    if not cfg.datasets:
+        raise ConfigError("config key 'datasets' is empty; name at least one dataset")
+    if cfg.trainer not in TRAINERS:
+        raise ConfigError(f"config key 'trainer' is '{cfg.trainer}', which this version does not provide; use one of: {', '.join(TRAINERS)}")
+
+    import torch  # late: keep `--help` and config errors fast
+
+    if not isinstance(getattr(torch.optim, cfg.optimizer, None), type):
+        raise ConfigError(f"config key 'optimizer' is '{cfg.optimizer}', which is not a torch.optim optimizer (e.g. RMSprop, AdamW, SGD)")
+    for key in ("model.policy_dtype", "model.reference_dtype", "model.fsdp_policy_mp"):
+        name = OmegaConf.select(cfg, key)
+        if name is not None and not isinstance(getattr(torch, name, None), torch.dtype):
+            raise ConfigError(f"config key '{key}' is '{name}', which is not a torch dtype (e.g. float32, bfloat16, float16)")
+
+    if cfg.loss.name in PREFERENCE_LOSSES and cfg.loss.beta <= 0:
+        raise ConfigError(f"config key 'loss.beta' must be > 0, got {cfg.loss.beta}")
+    if cfg.loss.name == "dpo" and not 0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError(f"config key 'loss.label_smoothing' must be in [0, 0.5), got {cfg.loss.label_smoothing}")
+    if cfg.checkpoint.best_mode not in ("min", "max"):
+        raise ConfigError(f"config key 'checkpoint.best_mode' must be 'min' or 'max', got '{cfg.checkpoint.best_mode}'")
+    if cfg.checkpoint.on_error not in ("raise", "warn"):
+        raise ConfigError(f"config key 'checkpoint.on_error' must be 'raise' or 'warn', got '{cfg.checkpoint.on_error}'")
+    if cfg.wandb.enabled:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("config key 'wandb.enabled' is true but the wandb package is not installed (pip install wandb)") from None
+
+
+def round_eval_every(cfg: DictConfig) -> None:
+    """The reference's rule: eval_every counts examples and is rounded down to whole batches."""
+    if cfg.eval_every % cfg.batch_size != 0:
+        rounded = max(cfg.batch_size, cfg.eval_every - cfg.eval_every % cfg.batch_size)
+        warnings.warn(f"eval_every ({cfg.eval_every}) is not a multiple of batch_size ({cfg.batch_size}); using {rounded}",
+                      stacklevel=2)
+        cfg.eval_every = rounded
+
+
+# --------------------------------------------------------------------------------------------
+# run directory
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def get_local_dir(local_dirs: list[str]) -> str:
+    """`{first existing of local_dirs}/{user}`; the last one is created if none exists."""
+    for prefix in local_dirs:
+        if os.path.exists(prefix):
+            return os.path.join(prefix, _user())
+    os.makedirs(local_dirs[-1], exist_ok=True)
+    return os.path.join(local_dirs[-1], _user())
+
+
+def new_run_dir(exp_name: str, local_dirs: list[str]) -> str:
+    timestamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    return os.path.join(get_local_dir(local_dirs), f"{exp_name}_{timestamp}")
+
+
+def save_config(cfg: DictConfig, run_dir: str) -> None:
+    from dpokit.checkpoint import atomic_write_bytes
+
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_bytes(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg).encode())
+
+
+# --------------------------------------------------------------------------------------------
+# help
+
+
+def _schema_lines(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    rows = []
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        help_text = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(f.type) or (f.default_factory is not dataclasses.MISSING
+                                                and dataclasses.is_dataclass(f.default_factory())):
+            sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.type
+            rows.extend(_schema_lines(type(sub), key + "."))
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = f.default
+        if default is MISSING:
+            shown = "required"
+        elif f.name in GROUPS and not prefix:
+            shown = DEFAULT_GROUPS[f.name]
+            help_text += f"; one of: {', '.join(group_options(f.name))}"
+        else:
+            shown = _show(default)
+        rows.append((key, shown, help_text))
+    return rows
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def help_text() -> str:
+    rows = _schema_lines(Config)
+    rows += _schema_lines(ModelConfig, "model.")
+    seen = {r[0] for r in rows}
+    for schema in (SFTLossConfig, DPOLossConfig, IPOLossConfig):
+        for row in _schema_lines(schema, "loss."):
+            if row[0] not in seen:
+                seen.add(row[0])
+                rows.append(row)
+    width = max(len(r[0]) for r in rows)
+    lines = [
+        "usage: dpokit train [KEY=VALUE ...]",
+        "",
+        "Train a policy with SFT, DPO or IPO. Arguments use the DPO reference's syntax:",
+        "  model=NAME and loss=NAME pick a config group; key=value sets a key; nested keys",
+        "  use dots (loss.beta=0.1); lists use brackets (datasets=[hh,shp]).",
+        "  model.* defaults come from the chosen model group (below: the tiny group's schema).",
+        "",
+        "keys (default) description:",
+    ]
+    for key, default, text in rows:
+        lines.append(f"  {key.ljust(width)}  ({default}) {text}")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Models and tokenizers: Hugging Face loading (hub names and local directories), the bundled
+tiny model, and `model.archive` loading with a clear error when the weights do not fit."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import torch
+import transformers
+
+from dpokit.checkpoint import load_payload, resolve_archive
+from dpokit.errors import CheckpointError, DpokitError
+
+BUNDLED_MODELS = {"tiny": "assets/tiny"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A bundled model's name ('tiny') maps to its directory in the package; anything else is
+    passed to Hugging Face as is (a local directory or a hub name)."""
+    if name_or_path in BUNDLED_MODELS and not os.path.exists(name_or_path):
+        return str(resources.files("dpokit") / BUNDLED_MODELS[name_or_path])
+    return name_or_path
+
+
+def _has_weights(path: str) -> bool:
+    return any((Path(path) / f).exists() for f in WEIGHT_FILES)
+
+
+def load_tokenizer(name_or_path: str, cache_dir: Optional[str] = None):
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise DpokitError(f"cannot load tokenizer '{name_or_path}' (model.tokenizer_name_or_path / model.name_or_path): "
+                          f"{str(err).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise DpokitError(f"tokenizer '{name_or_path}' has no EOS token, which responses need")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str = "float32", cache_dir: Optional[str] = None, seed: int = 0) -> torch.nn.Module:
+    """A causal LM from a hub name or a local directory.
+
+    A directory with a config but no weights (the bundled tiny model) is built from its config
+    with the given seed, so the same seed always gives the same initial weights.
+    """
+    path = resolve_model_path(name_or_path)
+    torch_dtype = getattr(torch, dtype)
+    try:
+        if os.path.isdir(path) and not _has_weights(path) and os.path.exists(os.path.join(path, "config.json")):
+            config = transformers.AutoConfig.from_pretrained(path)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            model = model.to(torch_dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise DpokitError(f"cannot load model '{name_or_path}' (model.name_or_path): {str(err).splitlines()[0]}") from None
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO's log-ratios must be deterministic functions of the weights."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def copy_as_reference(policy: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    reference = copy.deepcopy(policy).to(getattr(torch, dtype))
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
+def check_state_dict_fits(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Raise one sentence saying which keys are missing/unexpected/mis-shaped, and how many."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("with a different shape", shapes)):
+        if keys:
+            parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+    raise CheckpointError(f"{source} does not fit model {type(model).__name__}: {len(expected)} keys expected, "
+                          + "; ".join(parts))
+
+
+def load_archive(archive: str, models: list[torch.nn.Module], log=print) -> dict:
+    """Load `model.archive` (a policy.pt, checkpoint directory or run directory) into each model."""
+    path = resolve_archive(archive)
+    payload = load_payload(path)
+    state = payload["state"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict under 'state'")
+    log(f"loading pre-trained weights at step {payload['step_idx']} from {path} with metrics "
+        f"{json.dumps(payload.get('metrics', {}), indent=2, default=str)}")
+    for model in models:
+        check_state_dict_fits(model, state, str(path))
+        model.load_state_dict(state)
+    log("loaded pre-trained weights")
+    return payload
