@@ -1,0 +1,209 @@
+"""End-to-end training: the reference's checkpoint contract, DPO from an SFT archive, learning."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, bundled_pairs, metrics_log, run_cli
+from dpokit.models import load_model
+
+CONTRACT = {"policy.pt", "optimizer.pt", "scheduler.pt"}
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    from dpokit.train import main
+
+    root = tmp_path_factory.mktemp("sft")
+    return main([*FAST, "exp_name=sft", f"local_dirs=[{root}]", "loss=sft", "batch_size=4",
+                 "n_examples=24", "eval_every=8"])
+
+
+def test_sft_run_writes_reference_checkpoint_layout(sft_run):
+    run_dir = Path(sft_run["run_dir"])
+    assert run_dir.name.startswith("sft_") and run_dir.parent.name  # {local_dir}/{user}/{exp_name}_{timestamp}
+    assert (run_dir / "config.yaml").is_file()
+    # eval every 8 examples; step-0 is never written; the final state goes to LATEST
+    assert sorted(sft_run["checkpoints"]) == ["LATEST", "step-16", "step-8"]
+    expected_keys = set(load_model("tiny").state_dict())
+    for name, step in (("step-8", 8), ("step-16", 16), ("LATEST", 24)):
+        ckpt = run_dir / name
+        assert CONTRACT <= {p.name for p in ckpt.iterdir()}
+        for filename in CONTRACT:
+            payload = load(ckpt / filename)
+            assert set(payload) == {"step_idx", "state", "metrics"}
+            assert payload["step_idx"] == step
+        policy = load(ckpt / "policy.pt")
+        assert set(policy["state"]) == expected_keys  # the model's own names, no wrapper prefix
+        if name != "LATEST":
+            assert policy["metrics"]["loss/eval"] > 0 and "logps_eval/chosen" in policy["metrics"]
+        assert load(ckpt / "optimizer.pt")["state"]["param_groups"][0]["lr"] > 0
+        assert load(ckpt / "scheduler.pt")["state"]["last_epoch"] == step // 4
+
+
+def test_sft_policy_loads_into_plain_hf_model(sft_run):
+    """What the reference's users do: from_pretrained(base).load_state_dict(torch.load(p)['state'])."""
+    model = load_model("tiny", seed=123)
+    state = torch.load(Path(sft_run["run_dir"]) / "LATEST" / "policy.pt", map_location="cpu")["state"]
+    model.load_state_dict(state)
+    assert torch.equal(model.state_dict()["transformer.wte.weight"], state["transformer.wte.weight"])
+
+
+def test_sft_lowers_eval_loss(sft_run):
+    evals = [m for m in metrics_log(sft_run["run_dir"]) if "loss/eval" in m]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 24
+    assert evals[-1]["loss/eval"] < evals[0]["loss/eval"]
+
+
+def test_dpo_from_sft_archive_starts_at_log2(sft_run, train):
+    summary = train("loss=dpo", "loss.beta=0.1", f"model.archive={sft_run['run_dir']}/LATEST/policy.pt",
+                    "n_examples=8", "eval_every=8", "batch_size=4")
+    first_eval = next(m for m in metrics_log(summary["run_dir"]) if "loss/eval" in m)
+    # policy == reference == SFT weights: every reward is 0 and the loss is log 2
+    assert first_eval["rewards_eval/chosen"] == 0 and first_eval["rewards_eval/margins"] == 0
+    assert first_eval["loss/eval"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("rewards_eval/accuracies", "logps_eval/rejected", "loss/eval"):
+        assert key in first_eval
+    train_log = [m for m in metrics_log(summary["run_dir"]) if "loss/train" in m]
+    assert {"grad_norm", "examples_per_second", "counters/examples", "counters/updates",
+            "rewards_train/margins"} <= set(train_log[0])
+
+
+def test_archive_may_be_a_run_or_checkpoint_directory(sft_run, train):
+    for archive in (sft_run["run_dir"], f"{sft_run['run_dir']}/step-16"):
+        summary = train("loss=ipo", "loss.beta=0.5", f"model.archive={archive}", "n_examples=4",
+                        "eval_every=4", "batch_size=4", "do_first_eval=false")
+        assert summary["final_metrics"]["loss/eval"] > 0
+
+
+def test_reference_written_archive_loads_unchanged(tmp_path, train):
+    """A policy.pt exactly as the DPO reference writes it (OrderedDict state, no manifest)."""
+    model = load_model("tiny", seed=7)
+    ref_dir = tmp_path / "reference_run" / "LATEST"
+    ref_dir.mkdir(parents=True)
+    torch.save({"step_idx": 160, "state": collections.OrderedDict(model.state_dict()),
+                "metrics": {"loss/eval": 1.5}}, ref_dir / "policy.pt")
+    summary = train("loss=dpo", "loss.beta=0.1", f"model.archive={ref_dir / 'policy.pt'}",
+                    "n_examples=4", "eval_every=4", "batch_size=4")
+    first_eval = next(m for m in metrics_log(summary["run_dir"]) if "loss/eval" in m)
+    assert first_eval["loss/eval"] == pytest.approx(math.log(2), abs=1e-6)
+    # the run really started from those weights: a fresh seed-0 model scores differently
+    fresh = train("loss=sft", "n_examples=4", "eval_every=4", "batch_size=4", exp_name="fresh")
+    started = train("loss=sft", f"model.archive={ref_dir / 'policy.pt'}", "n_examples=4", "eval_every=4",
+                    "batch_size=4", exp_name="from_ref")
+    first = lambda s: next(m for m in metrics_log(s["run_dir"]) if "loss/eval" in m)["loss/eval"]
+    assert first(fresh) != pytest.approx(first(started), rel=1e-4)
+
+
+def test_debug_mode_writes_no_step_checkpoints(train):
+    summary = train("debug=true", "n_examples=8", "eval_every=4", "batch_size=4")
+    assert summary["checkpoints"] == ["LATEST"]
+
+
+def test_gradient_accumulation_matches_full_batch(train):
+    """Splitting a batch into micro-batches must not change the update (fp32, CPU)."""
+    a = train("batch_size=4", "n_examples=8", "eval_every=8", "do_first_eval=false", exp_name="full")
+    b = train("batch_size=4", "gradient_accumulation_steps=2", "n_examples=8", "eval_every=8",
+              "do_first_eval=false", exp_name="accum")
+    pa = load(Path(a["run_dir"]) / "LATEST" / "policy.pt")["state"]
+    pb = load(Path(b["run_dir"]) / "LATEST" / "policy.pt")["state"]
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_learns_on_a_fixed_set_of_bundled_pairs(tmp_path, train):
+    """On 16 real HH pairs used as both train and eval set, a short DPO run separates chosen from
+    rejected: reward accuracy well above chance and a DPO loss well below log 2."""
+    pairs = bundled_pairs(16)
+    data_dir = tmp_path / "fixed16"
+    data_dir.mkdir()
+    for split in ("train", "test"):
+        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    summary = train(f"datasets=[hh:{data_dir}]", "loss=dpo", "loss.beta=0.1", "batch_size=4", "n_epochs=6",
+                    "eval_every=1000", "n_eval_examples=16", "lr=1e-3", "optimizer=AdamW", "seed=0")
+    log = metrics_log(summary["run_dir"])
+    evals = [m for m in log if "loss/eval" in m]
+    assert evals[0]["loss/eval"] == pytest.approx(math.log(2), abs=1e-6)
+    final = summary["final_metrics"]
+    assert final["rewards_eval/accuracies"] >= 0.9
+    assert final["loss/eval"] < 0.4
+    assert final["rewards_eval/margins"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one sentence naming the file or key, non-zero exit, no traceback, nothing damaged
+
+
+def _assert_one_line_error(result, *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("dpokit: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _cli_train(tmp_path, *args):
+    return run_cli("train", *FAST, "exp_name=bad", f"local_dirs=[{tmp_path / 'runs'}]", *args)
+
+
+def test_archive_missing_file(tmp_path):
+    _assert_one_line_error(_cli_train(tmp_path, f"model.archive={tmp_path}/nope/policy.pt"), "does not exist", "nope")
+
+
+def test_archive_truncated_file_is_reported_and_left_alone(sft_run, tmp_path):
+    src = Path(sft_run["run_dir"]) / "step-8" / "policy.pt"
+    truncated = tmp_path / "policy.pt"
+    truncated.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    before = truncated.read_bytes()
+    _assert_one_line_error(_cli_train(tmp_path, f"model.archive={truncated}"), str(truncated), "truncated")
+    assert truncated.read_bytes() == before
+
+
+def test_archive_not_a_torch_file(tmp_path):
+    bogus = tmp_path / "policy.pt"
+    bogus.write_text("definitely not a checkpoint\n")
+    _assert_one_line_error(_cli_train(tmp_path, f"model.archive={bogus}"), str(bogus))
+
+
+def test_archive_of_another_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=512, n_embd=64, n_layer=2, n_head=2))
+    path = tmp_path / "policy.pt"
+    torch.save({"step_idx": 1, "state": other.state_dict(), "metrics": {}}, path)
+    result = _cli_train(tmp_path, f"model.archive={path}")
+    _assert_one_line_error(result, str(path), "missing", "different shape")
+
+
+def test_unknown_dataset(tmp_path):
+    _assert_one_line_error(_cli_train(tmp_path, "datasets=[nosuch]"), "nosuch")
+
+
+def test_dataset_file_with_a_bad_line(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    good = json.dumps(bundled_pairs(1)[0])
+    bad.write_text(good + "\n" + good + "\n" + '{"chosen": "oops"\n')
+    _assert_one_line_error(_cli_train(tmp_path, f"datasets=[hh:{bad}]"), str(bad), "line 3")
+
+
+def test_dpo_without_beta_and_bad_batch_split(tmp_path):
+    _assert_one_line_error(_cli_train(tmp_path, "loss=dpo"), "loss.beta")
+    _assert_one_line_error(_cli_train(tmp_path, "batch_size=5", "gradient_accumulation_steps=2"),
+                           "batch_size", "gradient_accumulation_steps")
+    assert not (tmp_path / "runs").exists()  # refused before any work started
+
+
+def test_traceback_only_on_request(tmp_path):
+    result = run_cli("train", "loss=dpo", "exp_name=x", env={"DPOKIT_TRACEBACK": "1"})
+    assert "Traceback" in result.stderr and "loss.beta" in result.stderr
