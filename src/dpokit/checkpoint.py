@@ -71,11 +71,16 @@ class _HashingWriter:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.hash, self.size = f, xxhash.xxh3_64(), 0
+        self.error: Optional[OSError] = None  # torch.save re-raises write errors as RuntimeError
 
     def write(self, data) -> int:
         self.hash.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -97,6 +102,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], fsync: b
     """Write `path` so that it is either absent/old or complete/new, whatever happens."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_INFIX}{uuid.uuid4().hex[:8]}")
+    writer: Optional[_HashingWriter] = None
     try:
         with open(tmp, "wb") as f:
             writer = _HashingWriter(f)
@@ -107,11 +113,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], fsync: b
         os.replace(tmp, path)
         if fsync:
             fsync_dir(path.parent)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise _fail("write", path, err) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        os_error = err if isinstance(err, OSError) else (writer.error if writer is not None else None)
+        if os_error is not None:
+            raise _fail("write", path, os_error) from None
         raise
     return FileRecord(writer.size, writer.hash.hexdigest())
 
@@ -210,6 +216,9 @@ def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> Optional[
     if manifest is not None:
         if "policy.pt" not in manifest["files"]:
             return f"{ckpt_dir / MANIFEST} lists no policy.pt"
+        steps = {name: rec.get("step_idx") for name, rec in manifest["files"].items() if name in CONTRACT_FILES}
+        if len(set(steps.values())) > 1:
+            return f"{ckpt_dir} mixes steps: " + ", ".join(f"{k} has step {v}" for k, v in sorted(steps.items()))
         for name, rec in manifest["files"].items():
             path = ckpt_dir / name
             if not path.is_file():

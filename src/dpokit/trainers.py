@@ -318,6 +318,9 @@ class BasicTrainer:
                 self.write_state_dict(step, self.scheduler.state_dict(), metrics, "scheduler.pt", str(staging))
                 self.checkpoints.write(staging, TRAINER_STATE, step, self.trainer_state(), metrics)
             self.checkpoints.publish(staging, target.name, step, metrics, parent=target.parent)
+        except CheckpointError as err:
+            self.checkpoints.abort(staging)
+            raise CheckpointError(f"saving checkpoint {target} failed, earlier checkpoints are untouched ({err})") from None
         except BaseException:
             self.checkpoints.abort(staging)
             raise

@@ -1,0 +1,100 @@
+"""Exact resume: a run resumed from step-K matches the uninterrupted run bit for bit (CPU)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, metrics_log
+from dpokit.errors import CheckpointError, ConfigError
+from dpokit.train import build_config, main
+
+
+def _train_losses(log: list[dict]) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss/train"]) for m in log if "loss/train" in m]
+
+
+def _interrupted_copy(run_dir: Path, dest: Path, keep: str) -> Path:
+    """The run as a crash after `keep` would have left it: later checkpoints never written."""
+    shutil.copytree(run_dir, dest, symlinks=True)
+    for p in dest.iterdir():
+        if p.name.startswith("step-") and p.name != keep or p.name in ("LATEST", "best") or p.name.startswith(".LATEST-"):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return dest
+
+
+@pytest.mark.parametrize("loss_args", [["loss=sft"], ["loss=dpo", "loss.beta=0.1"]], ids=["sft", "dpo"])
+def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
+    common = [*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", *loss_args, "batch_size=4",
+              "n_examples=28", "eval_every=8", "sample_during_eval=true", "n_eval_model_samples=8",
+              "max_length=48", "optimizer=AdamW", "warmup_steps=3"]
+    full = main(common)
+    full_dir = Path(full["run_dir"])
+    resumed_dir = _interrupted_copy(full_dir, tmp_path / "resumed_run", keep="step-8")
+    n_lines_before = len(metrics_log(resumed_dir))
+
+    resumed = main([*common, f"resume={resumed_dir}"])
+
+    assert Path(resumed["run_dir"]) == resumed_dir  # writes into the same run directory
+    after_resume = metrics_log(resumed_dir)[n_lines_before:]
+    expected = [(s, l) for s, l in _train_losses(metrics_log(full_dir)) if s > 8]
+    assert _train_losses(after_resume) == expected and len(expected) == 5  # steps 12..28, exact floats
+    a = torch.load(full_dir / "LATEST" / "policy.pt", weights_only=True)
+    b = torch.load(resumed_dir / "LATEST" / "policy.pt", weights_only=True)
+    assert a["step_idx"] == b["step_idx"] == 28
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    oa = torch.load(full_dir / "LATEST" / "optimizer.pt", weights_only=True)["state"]
+    ob = torch.load(resumed_dir / "LATEST" / "optimizer.pt", weights_only=True)["state"]
+    assert all(torch.equal(oa["state"][i]["exp_avg"], ob["state"][i]["exp_avg"]) for i in oa["state"])
+    assert sorted(p.name for p in resumed_dir.iterdir() if p.name.startswith("step-")) == ["step-16", "step-24", "step-8"]
+
+
+def test_resume_without_optimizer_state_is_refused(tmp_path):
+    common = [*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4", "n_examples=8",
+              "eval_every=4", "checkpoint.save_optimizer=false"]
+    run_dir = Path(main(common)["run_dir"])
+    assert sorted(p.name for p in (run_dir / "step-4").iterdir()) == ["manifest.json", "policy.pt"]
+    with pytest.raises(CheckpointError, match="save_optimizer=false"):
+        main([*common, f"resume={run_dir}"])
+
+
+def test_resume_with_incompatible_config_names_the_keys(tmp_path):
+    run_dir = Path(main([*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4",
+                         "n_examples=8", "eval_every=4"])["run_dir"])
+    with pytest.raises(ConfigError, match="batch_size.*resume_force") as err:
+        build_config([f"resume={run_dir}", "batch_size=8"])
+    assert "loss" not in str(err.value).split("keys")[1].split("differ")[0]
+    with pytest.raises(ConfigError, match="loss"):
+        build_config([f"resume={run_dir}", "loss=dpo", "loss.beta=0.1"])
+    cfg, ckpt = build_config([f"resume={run_dir}", "batch_size=8", "resume_force=true"])
+    assert cfg.batch_size == 8 and ckpt == run_dir / "LATEST"
+    # the saved config is the base: nothing else needs repeating, and extending the run is allowed
+    cfg, _ = build_config([f"resume={run_dir}", "n_examples=16"])
+    assert cfg.n_examples == 16 and cfg.max_length == 64 and cfg.local_run_dir == str(run_dir)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
+    run_dir = Path(main([*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4",
+                         "n_examples=12", "eval_every=4"])["run_dir"])
+    latest_policy = run_dir / "LATEST" / "policy.pt"
+    data = bytearray(latest_policy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    latest_policy.write_bytes(bytes(data))
+    _, ckpt = build_config([f"resume={run_dir}"])
+    assert ckpt == run_dir / "step-8"
+    assert "skipping damaged checkpoint" in capsys.readouterr().out
+
+
+def test_rng_state_round_trip():
+    from dpokit.trainers import rng_state, set_rng_state
+
+    state = rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
