@@ -8,10 +8,10 @@ mkdir -p "$out"
 dpokit=.venv/bin/dpokit
 start=$(date +%s)
 
-$dpokit train model=tiny datasets=[hh_sample] loss=sft exp_name=demo_sft "local_dirs=[$out]" "$@" | tee "$out/sft.log"
+$dpokit train model=tiny datasets=[hh_sample] loss=sft lr=5e-4 exp_name=demo_sft "local_dirs=[$out]" "$@" | tee "$out/sft.log"
 sft_run=$(ls -td "$out"/*/demo_sft_* | head -n 1)
 
-$dpokit train model=tiny datasets=[hh_sample] loss=dpo loss.beta=0.1 exp_name=demo_dpo \
+$dpokit train model=tiny datasets=[hh_sample] loss=dpo loss.beta=0.1 lr=5e-5 exp_name=demo_dpo \
     "model.archive=$sft_run/LATEST/policy.pt" "local_dirs=[$out]" "$@" | tee "$out/dpo.log"
 dpo_run=$(ls -td "$out"/*/demo_dpo_* | head -n 1)
 
