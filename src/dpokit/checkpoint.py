@@ -288,10 +288,10 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     for p in run_dir.iterdir() if run_dir.is_dir() else []:
         if p.name.startswith("."):
             continue
-        if p.name == LATEST or step_of(p.name) is not None:
+        if (p.name == LATEST or step_of(p.name) is not None) and p.is_dir():
             step = dir_step(p) if p.name == LATEST else step_of(p.name)
-            if step is not None and p.is_dir():
-                found.append((step, p))
+            # an unreadable LATEST still counts (last), so that verification reports it
+            found.append((step if step is not None else -1, p))
     # at equal steps prefer LATEST: it is the end-of-training state
     return sorted(found, key=lambda sp: (sp[0], sp[1].name == LATEST), reverse=True)
 
