@@ -28,7 +28,6 @@ import shutil
 import sys
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
@@ -150,18 +149,25 @@ def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
     if path.is_dir():
         raise CheckpointError(f"checkpoint file {path} is a directory")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise _fail("read", path, err) from None
+    # torch.save writes a zip archive (PK..); files of torch < 1.6 start with a pickle opcode
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        what = "it is empty" if not magic else f"it starts with {magic!r}"
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({what})")
+    try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path} needs arbitrary pickle to load (it stores Python objects, not only tensors), which dpokit "
                 f"refuses for safety; if you trust the file, convert it with: python -c \"import torch; "
                 f"p=torch.load('{path}', weights_only=False); torch.save(p, '{path}.converted')\"") from None
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({_first_line(err)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({_first_line(err)})") from None
-    except OSError as err:
-        raise _fail("read", path, err) from None
+    except Exception as err:  # torch reports damaged archives with many exception types
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({type(err).__name__}: {_first_line(err)})") from None
     if not isinstance(payload, dict) or "state" not in payload or "step_idx" not in payload:
         kind = f"dict with keys {sorted(payload)[:5]}" if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not a dpokit/DPO-reference checkpoint: expected a dict with 'step_idx', "

@@ -381,7 +381,7 @@ def help_text() -> str:
         "Train a policy with SFT, DPO or IPO. Arguments use the DPO reference's syntax:",
         "  model=NAME and loss=NAME pick a config group; key=value sets a key; nested keys",
         "  use dots (loss.beta=0.1); lists use brackets (datasets=[hh,shp]).",
-        "  model.* defaults come from the chosen model group (below: the tiny group's schema).",
+        "  model.* defaults below are the schema's; each model group (default: tiny) sets its own.",
         "",
         "keys (default) description:",
     ]

@@ -42,6 +42,8 @@ def export_hf(ckpt: Path, out_dir: Path, model_name: Optional[str] = None, force
     policy_path = resolve_archive(ckpt)
     base, tokenizer_name = (model_name, None) if model_name else base_model_of(policy_path)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DpokitError(f"export path {out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise DpokitError(f"export directory {out_dir} exists and is not empty (pass --force to replace it)")
 
