@@ -1,0 +1,234 @@
+"""Losses and log-probabilities against numbers computed by hand (math.log / math.exp)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpokit.losses import batch_logps, concatenated_inputs, preference_loss, sft_loss
+
+# Two examples. policy/ref log-probabilities of the chosen (w) and rejected (l) responses.
+PI_W = [-1.0, -4.0]
+PI_L = [-3.0, -2.0]
+REF_W = [-2.0, -3.0]
+REF_L = [-2.5, -2.5]
+# h = (pi_w - pi_l) - (ref_w - ref_l)
+H = [(2.0) - (0.5), (-2.0) - (-0.5)]  # [1.5, -1.5]
+H_REF_FREE = [2.0, -2.0]
+
+
+def softplus(x: float) -> float:
+    """-log(sigmoid(-x)) = log(1 + e^x)."""
+    return math.log(1.0 + math.exp(x))
+
+
+def inputs(requires_grad: bool = False):
+    ts = [torch.tensor(v, dtype=torch.float64, requires_grad=requires_grad) for v in (PI_W, PI_L, REF_W, REF_L)]
+    return ts
+
+
+def close(t: torch.Tensor, expected: list[float], tol: float = 1e-9) -> None:
+    assert t.shape == (len(expected),)
+    for got, want in zip(t.tolist(), expected):
+        assert got == pytest.approx(want, abs=tol, rel=tol), (t.tolist(), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# preference_loss
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_matches_hand_computation(beta):
+    losses, _, _ = preference_loss(*inputs(), beta=beta)
+    # -log sigmoid(beta * h) = log(1 + exp(-beta * h))
+    close(losses, [softplus(-beta * h) for h in H])
+
+
+def test_dpo_loss_hand_numbers_explicit():
+    # h = 1.5, beta = 0.1: -log(1 / (1 + e^-0.15))
+    losses, _, _ = preference_loss(*inputs(), beta=0.1)
+    assert losses[0].item() == pytest.approx(math.log(1 + math.exp(-0.15)), abs=1e-12)
+    assert losses[1].item() == pytest.approx(math.log(1 + math.exp(0.15)), abs=1e-12)
+    # the preferred ordering (h > 0) must give the smaller loss
+    assert losses[0] < losses[1]
+
+
+def test_conservative_dpo_label_smoothing():
+    beta, eps = 0.1, 0.2
+    losses, _, _ = preference_loss(*inputs(), beta=beta, label_smoothing=eps)
+    expected = [(1 - eps) * softplus(-beta * h) + eps * softplus(beta * h) for h in H]
+    close(losses, expected)
+    plain, _, _ = preference_loss(*inputs(), beta=beta)
+    assert not torch.allclose(losses, plain)
+
+
+def test_reference_free_ignores_reference_in_loss():
+    beta = 0.1
+    losses, chosen_r, rejected_r = preference_loss(*inputs(), beta=beta, reference_free=True)
+    close(losses, [softplus(-beta * h) for h in H_REF_FREE])
+    # changing the reference does not change the reference-free loss
+    pi_w, pi_l, ref_w, ref_l = inputs()
+    other, _, _ = preference_loss(pi_w, pi_l, ref_w + 7.0, ref_l - 3.0, beta=beta, reference_free=True)
+    close(other, [softplus(-beta * h) for h in H_REF_FREE])
+
+
+def test_ipo_loss():
+    beta = 0.1
+    losses, _, _ = preference_loss(*inputs(), beta=beta, ipo=True)
+    # (h - 1/(2 beta))^2 = (1.5 - 5)^2 = 12.25 and (-1.5 - 5)^2 = 42.25
+    close(losses, [12.25, 42.25])
+    beta = 0.5
+    losses, _, _ = preference_loss(*inputs(), beta=beta, ipo=True)
+    close(losses, [(1.5 - 1.0) ** 2, (-1.5 - 1.0) ** 2])
+
+
+def test_sft_loss_is_negative_logp():
+    logps = torch.tensor([-1.25, -3.5, 0.0])
+    assert sft_loss(logps).tolist() == [1.25, 3.5, -0.0]
+
+
+def test_rewards_are_beta_times_logratio_and_detached():
+    beta = 0.1
+    pi_w, pi_l, ref_w, ref_l = inputs(requires_grad=True)
+    losses, chosen_r, rejected_r = preference_loss(pi_w, pi_l, ref_w, ref_l, beta=beta)
+    close(chosen_r, [beta * (p - r) for p, r in zip(PI_W, REF_W)])  # [0.1, -0.1]
+    close(rejected_r, [beta * (p - r) for p, r in zip(PI_L, REF_L)])  # [-0.05, 0.05]
+    assert not chosen_r.requires_grad and not rejected_r.requires_grad
+    assert chosen_r.grad_fn is None and rejected_r.grad_fn is None
+    assert losses.requires_grad
+
+
+def test_rewards_same_with_reference_free():
+    beta = 0.2
+    _, chosen_r, rejected_r = preference_loss(*inputs(), beta=beta, reference_free=True)
+    close(chosen_r, [beta * (p - r) for p, r in zip(PI_W, REF_W)])
+    close(rejected_r, [beta * (p - r) for p, r in zip(PI_L, REF_L)])
+
+
+def test_dpo_gradient_matches_hand_derivative():
+    beta = 0.1
+    pi_w, pi_l, ref_w, ref_l = inputs(requires_grad=True)
+    losses, _, _ = preference_loss(pi_w, pi_l, ref_w, ref_l, beta=beta)
+    losses.sum().backward()
+    # d/d pi_w of log(1 + exp(-beta h)) = -beta / (1 + exp(beta h)); opposite sign for pi_l
+    expected = [-beta / (1 + math.exp(beta * h)) for h in H]
+    close(pi_w.grad, expected)
+    close(pi_l.grad, [-g for g in expected])
+
+
+# --------------------------------------------------------------------------------------------
+# batch_logps
+
+LN = math.log
+# vocab of 3; row A has softmax [1/6, 2/6, 3/6], row B has softmax [4/6, 1/6, 1/6]
+A = [0.0, LN(2), LN(3)]
+B = [LN(4), 0.0, 0.0]
+BIG = [100.0, -100.0, 50.0]  # the last position's logits predict nothing; must be ignored
+
+
+def logits_and_labels():
+    logits = torch.tensor([[A, B, A, BIG], [B, A, B, BIG]], dtype=torch.float64)
+    labels = torch.tensor([[2, 0, 2, 1], [-100, 1, -100, 0]])
+    return logits, labels
+
+
+# seq 0: pos0 (A) -> 0: 1/6; pos1 (B) -> 2: 1/6; pos2 (A) -> 1: 2/6  (label[0] is never predicted)
+SEQ0 = [LN(1 / 6), LN(1 / 6), LN(2 / 6)]
+# seq 1: pos0 (B) -> 1: 1/6; pos1 -> masked; pos2 (B) -> 0: 4/6
+SEQ1 = [LN(1 / 6), LN(4 / 6)]
+
+
+def test_batch_logps_sum_shifted_and_masked():
+    logits, labels = logits_and_labels()
+    out = batch_logps(logits, labels, average=False)
+    close(out, [sum(SEQ0), sum(SEQ1)], tol=1e-12)
+
+
+def test_batch_logps_average():
+    logits, labels = logits_and_labels()
+    out = batch_logps(logits, labels, average=True)
+    close(out, [sum(SEQ0) / 3, sum(SEQ1) / 2], tol=1e-12)
+
+
+def test_batch_logps_does_not_modify_labels():
+    logits, labels = logits_and_labels()
+    before = labels.clone()
+    batch_logps(logits, labels)
+    assert torch.equal(labels, before)
+
+
+def test_batch_logps_all_masked_sum_is_zero():
+    logits, _ = logits_and_labels()
+    labels = torch.tensor([[1, -100, -100, -100], [-100, -100, -100, -100]])
+    assert batch_logps(logits, labels).tolist() == [0.0, 0.0]
+
+
+def test_batch_logps_gradient_flows():
+    logits, labels = logits_and_labels()
+    logits.requires_grad_(True)
+    batch_logps(logits, labels).sum().backward()
+    # the last position never contributes
+    assert torch.count_nonzero(logits.grad[:, -1]) == 0
+    # seq 1's masked position (pos 1) does not contribute either
+    assert torch.count_nonzero(logits.grad[1, 1]) == 0
+    assert torch.count_nonzero(logits.grad[0, 0]) > 0
+
+
+@pytest.mark.parametrize("labels_shape", [(2, 3), (1, 4), (2, 5)])
+def test_batch_logps_shape_mismatch_raises(labels_shape):
+    logits, _ = logits_and_labels()
+    labels = torch.zeros(labels_shape, dtype=torch.long)
+    with pytest.raises(ValueError, match="do not match"):
+        batch_logps(logits, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# concatenated_inputs
+
+
+def _batch(chosen_len: int, rejected_len: int) -> dict:
+    def ids(n, base):
+        return torch.arange(base, base + 2 * n).reshape(2, n)
+
+    return {
+        "chosen_input_ids": ids(chosen_len, 10),
+        "chosen_attention_mask": torch.ones(2, chosen_len, dtype=torch.long),
+        "chosen_labels": ids(chosen_len, 10),
+        "rejected_input_ids": ids(rejected_len, 100),
+        "rejected_attention_mask": torch.ones(2, rejected_len, dtype=torch.long),
+        "rejected_labels": ids(rejected_len, 100),
+    }
+
+
+@pytest.mark.parametrize("chosen_len,rejected_len", [(3, 5), (5, 3), (4, 4)])
+def test_concatenated_inputs_pads_and_orders_chosen_first(chosen_len, rejected_len):
+    batch = _batch(chosen_len, rejected_len)
+    out = concatenated_inputs(batch)
+    assert set(out) == {"concatenated_input_ids", "concatenated_attention_mask", "concatenated_labels"}
+    n = max(chosen_len, rejected_len)
+    for field, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100)):
+        t = out[f"concatenated_{field}"]
+        assert t.shape == (4, n)
+        # chosen rows first, then rejected
+        assert torch.equal(t[:2, :chosen_len], batch[f"chosen_{field}"])
+        assert torch.equal(t[2:, :rejected_len], batch[f"rejected_{field}"])
+        # padding on the right with the field's pad value
+        assert (t[:2, chosen_len:] == pad).all()
+        assert (t[2:, rejected_len:] == pad).all()
+
+
+def test_concatenated_inputs_explicit_values():
+    batch = {
+        "chosen_input_ids": torch.tensor([[5, 6]]),
+        "chosen_attention_mask": torch.tensor([[1, 1]]),
+        "chosen_labels": torch.tensor([[-100, 6]]),
+        "rejected_input_ids": torch.tensor([[7, 8, 9]]),
+        "rejected_attention_mask": torch.tensor([[1, 1, 1]]),
+        "rejected_labels": torch.tensor([[-100, 8, 9]]),
+    }
+    out = concatenated_inputs(batch)
+    assert out["concatenated_input_ids"].tolist() == [[5, 6, 0], [7, 8, 9]]
+    assert out["concatenated_attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert out["concatenated_labels"].tolist() == [[-100, 6, -100], [-100, 8, 9]]
