@@ -25,7 +25,6 @@ import os
 import pickle
 import platform
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -536,11 +535,3 @@ def _step_if_contract(path: Path) -> Optional[int]:
         return int(load_payload(path)["step_idx"])
     except CheckpointError:
         return None
-
-
-def describe_for_print(payload: dict) -> str:
-    return json.dumps(payload.get("metrics", {}), indent=2, default=str)
-
-
-if sys.platform == "win32":  # pragma: no cover - symlinks and directory fsync are POSIX features
-    raise ImportError("dpokit's checkpoint store needs a POSIX filesystem")
