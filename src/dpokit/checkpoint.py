@@ -393,12 +393,19 @@ class CheckpointStore:
         staging = self.begin(parent=directory.parent)
         try:
             if directory.is_dir():
+                # Carried-over files keep their recorded checksums (a file damaged since then
+                # stays detectable); files the manifest does not know are hashed now.
+                try:
+                    known = (read_manifest(directory) or {}).get("files", {})
+                except CheckpointError:
+                    known = {}
                 for old in directory.iterdir():
                     if old.name in (MANIFEST, filename) or old.name.startswith(".") or not old.is_file():
                         continue
                     os.link(old, staging / old.name)
-                    self._records[staging][old.name] = FileRecord(old.stat().st_size, checksum_file(old),
-                                                                  _step_if_contract(old))
+                    rec = known.get(old.name)
+                    self._records[staging][old.name] = (
+                        FileRecord(**rec) if rec else FileRecord(old.stat().st_size, checksum_file(old), _step_if_contract(old)))
             self._records[staging][filename] = write_payload(staging / filename, step, state, metrics, self.fsync)
             self.publish(staging, directory.name, step, metrics, parent=directory.parent)
         except BaseException:
