@@ -35,14 +35,14 @@ def tiny_training_state() -> tuple[dict, dict, dict]:
 def plain_save(run_dir: Path, states: tuple) -> None:
     out = run_dir / "LATEST"
     out.mkdir(parents=True, exist_ok=True)
-    for name, state in zip(("policy.pt", "optimizer.pt", "scheduler.pt"), states):
+    for name, state in zip(("policy.pt", "optimizer.pt", "scheduler.pt"), states, strict=False):
         torch.save({"step_idx": 1, "state": state, "metrics": {}}, out / name)
 
 
 def store_save(run_dir: Path, states: tuple, fsync: bool) -> None:
     store = CheckpointStore(run_dir, fsync=fsync)
     staging = store.begin()
-    for name, state in zip(("policy.pt", "optimizer.pt", "scheduler.pt"), states):
+    for name, state in zip(("policy.pt", "optimizer.pt", "scheduler.pt"), states, strict=False):
         store.write(staging, name, 1, state, {})
     store.publish(staging, "LATEST", 1, {})
 
@@ -68,12 +68,16 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         size = sum(p.stat().st_size for p in (Path(tmp) / "0-0-reference" / "LATEST").iterdir())
     base = statistics.median(times["reference torch.save x3"])
-    print(f"checkpoint size {size / 2**20:.1f} MiB (policy + optimizer + scheduler), {args.repeats} repeats, "
-          f"filesystem of {args.dir or tempfile.gettempdir()}")
+    print(
+        f"checkpoint size {size / 2**20:.1f} MiB (policy + optimizer + scheduler), {args.repeats} repeats, "
+        f"filesystem of {args.dir or tempfile.gettempdir()}"
+    )
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:28s} median {med * 1000:8.1f} ms  (min {min(ts) * 1000:7.1f}, max {max(ts) * 1000:7.1f})  "
-              f"x{med / base:.2f} of reference")
+        print(
+            f"{name:28s} median {med * 1000:8.1f} ms  (min {min(ts) * 1000:7.1f}, max {max(ts) * 1000:7.1f})  "
+            f"x{med / base:.2f} of reference"
+        )
     print(json.dumps({k: round(statistics.median(v) * 1000, 1) for k, v in times.items()}))
 
 

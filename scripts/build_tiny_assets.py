@@ -162,9 +162,7 @@ def check(data: Path, out: Path) -> None:
     ids = tok(chosen, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == chosen, "round trip failed"
     assert tok(chosen)["input_ids"] == ids, "add_special_tokens=True should add nothing"
-    n_bad = sum(
-        tok.decode(tok(t, add_special_tokens=False)["input_ids"]) != t for pair in pairs for t in pair
-    )
+    n_bad = sum(tok.decode(tok(t, add_special_tokens=False)["input_ids"]) != t for pair in pairs for t in pair)
     print(f"round trip exact: first pair yes; mismatches over all {2 * len(pairs)} texts: {n_bad}")
     eos_ids = tok(f"Hi.{EOS_TOKEN}Bye.", add_special_tokens=False)["input_ids"]
     assert tok.eos_token_id in eos_ids, eos_ids

@@ -14,14 +14,23 @@ import pytest
 
 BIN = Path(sys.executable).parent
 # Small enough to run in seconds on 2 CPU cores, large enough to exercise every code path.
-FAST = ["model=tiny", "sample_during_eval=false", "max_length=64", "max_prompt_length=32",
-        "n_eval_examples=8", "eval_batch_size=8", "minimum_log_interval_secs=0", "lr=1e-3", "warmup_steps=2"]
+FAST = [
+    "model=tiny",
+    "sample_during_eval=false",
+    "max_length=64",
+    "max_prompt_length=32",
+    "n_eval_examples=8",
+    "eval_batch_size=8",
+    "minimum_log_interval_secs=0",
+    "lr=1e-3",
+    "warmup_steps=2",
+]
 
 
 def bundled_pairs(n: int) -> list[dict]:
     path = resources.files("dpokit") / "assets/hh_sample/harmless-base-test.jsonl.gz"
     with gzip.open(str(path), "rt") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
+        return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
 
 
 @pytest.fixture

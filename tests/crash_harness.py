@@ -21,9 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-ARGS = ["model=tiny", "sample_during_eval=false", "max_length=64", "max_prompt_length=32", "n_eval_examples=4",
-        "eval_batch_size=4", "batch_size=4", "eval_every=4", "do_first_eval=false", "n_examples=48",
-        "minimum_log_interval_secs=0", "lr=1e-3", "checkpoint.keep_last=3", "exp_name=crash"]
+ARGS = [
+    "model=tiny",
+    "sample_during_eval=false",
+    "max_length=64",
+    "max_prompt_length=32",
+    "n_eval_examples=4",
+    "eval_batch_size=4",
+    "batch_size=4",
+    "eval_every=4",
+    "do_first_eval=false",
+    "n_examples=48",
+    "minimum_log_interval_secs=0",
+    "lr=1e-3",
+    "checkpoint.keep_last=3",
+    "exp_name=crash",
+]
 
 
 @dataclass
@@ -38,8 +51,11 @@ def _leftovers(run_dir: Path) -> list[str]:
     live = os.readlink(run_dir / "LATEST") if (run_dir / "LATEST").is_symlink() else None
     names = []
     for p in run_dir.iterdir() if run_dir.exists() else []:
-        if p.name.startswith((".staging-", ".trash-", ".link-")) or ".tmp-" in p.name or (
-                p.name.startswith(".LATEST-") and p.name != live):
+        if (
+            p.name.startswith((".staging-", ".trash-", ".link-"))
+            or ".tmp-" in p.name
+            or (p.name.startswith(".LATEST-") and p.name != live)
+        ):
             names.append(p.name)
     return names
 
@@ -86,9 +102,14 @@ def kill_cycle(run_dir: Path, rng: random.Random, report: Report, env: dict) -> 
     elif report.latest_published:
         report.bad.append(f"kill {report.kills}: LATEST vanished after it had been published")
     if _has_checkpoint(run_dir):
-        verify = subprocess.run([str(BIN / "dpokit"), "ckpt", "verify", str(run_dir)], capture_output=True, text=True, env=env)
+        verify = subprocess.run(
+            [str(BIN / "dpokit"), "ckpt", "verify", str(run_dir)], capture_output=True, text=True, env=env
+        )
         if verify.returncode != 0:
-            report.bad.append(f"kill {report.kills}: " + " | ".join(l for l in verify.stdout.splitlines() if l.startswith("FAIL")))
+            report.bad.append(
+                f"kill {report.kills}: "
+                + " | ".join(line for line in verify.stdout.splitlines() if line.startswith("FAIL"))
+            )
 
 
 def run(workdir: Path, kills: int, seed: int = 0) -> Report:
@@ -113,6 +134,16 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         result = run(Path(tmp), args.kills, args.seed)
-        print(json.dumps({"kills": result.kills, "kills_mid_save": result.mid_save, "bad_outcomes": len(result.bad),
-                          "latest_published": result.latest_published, "details": result.bad,
-                          "seconds": round(time.time() - t0)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "kills": result.kills,
+                    "kills_mid_save": result.mid_save,
+                    "bad_outcomes": len(result.bad),
+                    "latest_published": result.latest_published,
+                    "details": result.bad,
+                    "seconds": round(time.time() - t0),
+                },
+                indent=1,
+            )
+        )

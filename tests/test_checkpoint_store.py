@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -16,8 +17,16 @@ import pytest
 import torch
 import xxhash
 
-from dpokit.checkpoint import (CONTRACT_FILES, CheckpointStore, atomic_write, best_of, load_payload, resolve_archive,
-                               select_retained, verify_dir)
+from dpokit.checkpoint import (
+    CONTRACT_FILES,
+    CheckpointStore,
+    atomic_write,
+    best_of,
+    load_payload,
+    resolve_archive,
+    select_retained,
+    verify_dir,
+)
 from dpokit.errors import CheckpointError
 
 PAYLOAD_KEYS = {"step_idx", "state", "metrics"}
@@ -43,21 +52,25 @@ def states():
     return {"policy.pt": policy, "optimizer.pt": optimizer.state_dict(), "scheduler.pt": scheduler.state_dict()}
 
 
-SMALL = {"policy.pt": OrderedDict(w=torch.arange(6.0).reshape(2, 3), b=torch.zeros(3)),
-         "optimizer.pt": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
-         "scheduler.pt": {"last_epoch": 1, "base_lrs": [1e-3]}}
+SMALL = {
+    "policy.pt": OrderedDict(w=torch.arange(6.0).reshape(2, 3), b=torch.zeros(3)),
+    "optimizer.pt": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+    "scheduler.pt": {"last_epoch": 1, "base_lrs": [1e-3]},
+}
 
 
-def publish(store: CheckpointStore, name: str, step: int, metrics: dict | None, states: dict,
-            parent: Path | None = None) -> Path:
+def publish(
+    store: CheckpointStore, name: str, step: int, metrics: dict | None, states: dict, parent: Path | None = None
+) -> Path:
     staging = store.begin(parent)
     for filename in CONTRACT_FILES:
         store.write(staging, filename, step, states[filename], metrics)
     return store.publish(staging, name, step, metrics, parent=parent)
 
 
-def write_reference(directory: Path, step: int, states: dict, metrics: dict | None = None,
-                    steps: dict | None = None) -> Path:
+def write_reference(
+    directory: Path, step: int, states: dict, metrics: dict | None = None, steps: dict | None = None
+) -> Path:
     """A checkpoint directory as the DPO reference writes it: three torch.save files, no manifest."""
     directory.mkdir(parents=True, exist_ok=True)
     for filename in CONTRACT_FILES:
@@ -337,8 +350,7 @@ def test_sweep_removes_leftovers_and_keeps_checkpoints(tmp_path):
     live = os.readlink(run / "LATEST")
     (run / "config.yaml").write_text("seed: 0\n")
 
-    leftovers = {".staging-0123456789ab", ".trash-step-5-deadbeef", ".trash-LATEST-cafebabe",
-                 ".LATEST-orphan000000"}
+    leftovers = {".staging-0123456789ab", ".trash-step-5-deadbeef", ".trash-LATEST-cafebabe", ".LATEST-orphan000000"}
     for name in leftovers:
         (run / name).mkdir()
         (run / name / "policy.pt").write_bytes(b"half")
@@ -379,16 +391,23 @@ def test_select_retained_no_limits_keeps_everything():
     assert select_retained([], 2, 1) == set()
 
 
-@pytest.mark.parametrize("keep_last, expected", [(1, {"step-40"}), (2, {"step-40", "step-30"}), (10, NAMES), (0, set())])
+@pytest.mark.parametrize(
+    "keep_last, expected", [(1, {"step-40"}), (2, {"step-40", "step-30"}), (10, NAMES), (0, set())]
+)
 def test_select_retained_keep_last(keep_last, expected):
     assert select_retained(ENTRIES, keep_last, None) == expected
 
 
-@pytest.mark.parametrize("mode, keep_best, expected", [
-    ("min", 1, {"step-20"}), ("min", 2, {"step-20", "step-30"}),
-    ("max", 1, {"step-10"}), ("max", 2, {"step-10", "step-30"}),
-    ("min", 10, {"step-10", "step-20", "step-30"}),  # an entry without the metric is never "best"
-])
+@pytest.mark.parametrize(
+    "mode, keep_best, expected",
+    [
+        ("min", 1, {"step-20"}),
+        ("min", 2, {"step-20", "step-30"}),
+        ("max", 1, {"step-10"}),
+        ("max", 2, {"step-10", "step-30"}),
+        ("min", 10, {"step-10", "step-20", "step-30"}),  # an entry without the metric is never "best"
+    ],
+)
 def test_select_retained_keep_best(mode, keep_best, expected):
     assert select_retained(ENTRIES, None, keep_best, mode) == expected
 
@@ -437,10 +456,13 @@ def test_keep_last_on_disk(tmp_path):
     assert any(str(run / "step-10") in line for line in log) and any(str(run / "step-20") in line for line in log)
 
 
-@pytest.mark.parametrize("mode, metric, values, best", [
-    ("min", "loss/eval", {10: 0.5, 20: 0.2, 30: 0.4}, "step-20"),
-    ("max", "rewards_eval/accuracies", {10: 0.5, 20: 0.2, 30: 0.4}, "step-10"),
-])
+@pytest.mark.parametrize(
+    "mode, metric, values, best",
+    [
+        ("min", "loss/eval", {10: 0.5, 20: 0.2, 30: 0.4}, "step-20"),
+        ("max", "rewards_eval/accuracies", {10: 0.5, 20: 0.2, 30: 0.4}, "step-10"),
+    ],
+)
 def test_keep_best_on_disk(tmp_path, mode, metric, values, best):
     run = tmp_path / "run"
     store = CheckpointStore(run, fsync=False, keep_best=1, best_metric=metric, best_mode=mode, log=lambda s: None)
@@ -517,8 +539,9 @@ def test_load_payload_truncated(tmp_path, good_dirs, keep):
     _expect_error(path, "truncated or not a torch checkpoint")
 
 
-@pytest.mark.parametrize("text", ["hello, this is not a checkpoint\n", "this is not a checkpoint\n",
-                                  "not a checkpoint\n", ""])
+@pytest.mark.parametrize(
+    "text", ["hello, this is not a checkpoint\n", "this is not a checkpoint\n", "not a checkpoint\n", ""]
+)
 def test_load_payload_text_file(tmp_path, text):
     path = tmp_path / "policy.pt"
     path.write_text(text)
@@ -593,7 +616,8 @@ def test_failed_copy_on_write_leaves_published_dir_intact(tmp_path):
     store = CheckpointStore(run, fsync=False)
     target = publish(store, "step-1", 1, {}, SMALL)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    with pytest.raises(Exception):
+    # pickle refuses a local lambda with PicklingError or AttributeError, depending on where it looks first
+    with pytest.raises((pickle.PicklingError, AttributeError)):
         store.write(target, "scheduler.pt", 1, {"fn": lambda: None}, {})  # a lambda cannot be pickled
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert verify_dir(target) is None

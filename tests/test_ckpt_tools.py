@@ -75,8 +75,11 @@ def world(tmp_path_factory):
         p.grad = torch.randn_like(p) * 0.01
     optimizer.step()  # the weights now differ from a fresh tiny model's
     scheduler.step()
-    states = {"policy.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict(),
-              "scheduler.pt": scheduler.state_dict()}
+    states = {
+        "policy.pt": model.state_dict(),
+        "optimizer.pt": optimizer.state_dict(),
+        "scheduler.pt": scheduler.state_dict(),
+    }
     n_params = sum(p.numel() for p in model.parameters())  # unique (the LM head is tied)
 
     run = base / "run"
@@ -84,8 +87,15 @@ def world(tmp_path_factory):
     ours = store_save(store, "step-8", 8, states, METRICS)
     store_save(store, "LATEST", 8, states, {})
     ref = reference_save(base / "ref" / "LATEST", 16, states, {"loss/eval": 0.5})
-    return {"base": base, "run": run, "ours": ours, "ref": ref, "states": states, "n_params": n_params,
-            "n_tensors": len(states["policy.pt"])}
+    return {
+        "base": base,
+        "run": run,
+        "ours": ours,
+        "ref": ref,
+        "states": states,
+        "n_params": n_params,
+        "n_tensors": len(states["policy.pt"]),
+    }
 
 
 def policy_line(stdout: str) -> str:
@@ -113,8 +123,9 @@ def mixed_precision_policy(world):
 
 @pytest.fixture(scope="module")
 def shown(world, mixed_precision_policy):
-    return run_all({"ours": ["show", world["ours"]], "ref": ["show", world["ref"]],
-                    "single": ["show", mixed_precision_policy]})
+    return run_all(
+        {"ours": ["show", world["ours"]], "ref": ["show", world["ref"]], "single": ["show", mixed_precision_policy]}
+    )
 
 
 def test_show_our_checkpoint(world, shown):
@@ -251,8 +262,7 @@ def diffed(world):
     state = OrderedDict(world["states"]["policy.pt"])
     state[PERTURBED] = state[PERTURBED] + 1e-3
     other = reference_save(world["base"] / "perturbed" / "LATEST", 8, {**world["states"], "policy.pt": state})
-    return run_all({"same": ["diff", world["ours"], world["ref"]],
-                    "perturbed": ["diff", world["run"], other]})
+    return run_all({"same": ["diff", world["ours"], world["ref"]], "perturbed": ["diff", world["run"], other]})
 
 
 def test_diff_identical(world, diffed):
@@ -327,12 +337,19 @@ def exported(world):
     mismatched.parent.mkdir(parents=True)
     torch.save({"step_idx": 3, "state": other.state_dict(), "metrics": {}}, mismatched)
 
-    jobs = {"ours": ["export", world["ours"], base / "ours-hf"],
-            "ref": ["export", world["ref"], stale, "--model", "tiny", "--force"],
-            "busy": ["export", world["ours"], busy],
-            "mismatched": ["export", mismatched, base / "never", "--model", "tiny"]}
-    return run_all(jobs), {"ours": base / "ours-hf", "ref": stale, "busy": busy, "mismatched": mismatched,
-                           "never": base / "never"}
+    jobs = {
+        "ours": ["export", world["ours"], base / "ours-hf"],
+        "ref": ["export", world["ref"], stale, "--model", "tiny", "--force"],
+        "busy": ["export", world["ours"], busy],
+        "mismatched": ["export", mismatched, base / "never", "--model", "tiny"],
+    }
+    return run_all(jobs), {
+        "ours": base / "ours-hf",
+        "ref": stale,
+        "busy": busy,
+        "mismatched": mismatched,
+        "never": base / "never",
+    }
 
 
 def test_export_our_checkpoint_uses_manifest_config(world, exported):
@@ -383,8 +400,12 @@ def bad_inputs(world):
     never = base / "never-written"
 
     def args(tool: str, target: Path) -> list:
-        return {"show": ["show", target], "verify": ["verify", target], "diff": ["diff", world["ours"], target],
-                "export": ["export", target, never, "--model", "tiny"]}[tool]
+        return {
+            "show": ["show", target],
+            "verify": ["verify", target],
+            "diff": ["diff", world["ours"], target],
+            "export": ["export", target, never, "--model", "tiny"],
+        }[tool]
 
     jobs = {("missing", tool): args(tool, missing) for tool in TOOLS}
     jobs.update({("text", tool): args(tool, text_policy) for tool in TOOLS})

@@ -29,8 +29,17 @@ from dpokit.errors import ConfigError
 
 BIN = Path(sys.executable).parent
 
-REFERENCE_ARGS = ["model=blank_model", "model.name_or_path=gpt2", "datasets=[hh,shp]", "loss=dpo", "loss.beta=0.1",
-                  "model.archive=/p/LATEST/policy.pt", "exp_name=e", "gradient_accumulation_steps=2", "batch_size=64"]
+REFERENCE_ARGS = [
+    "model=blank_model",
+    "model.name_or_path=gpt2",
+    "datasets=[hh,shp]",
+    "loss=dpo",
+    "loss.beta=0.1",
+    "model.archive=/p/LATEST/policy.pt",
+    "exp_name=e",
+    "gradient_accumulation_steps=2",
+    "batch_size=64",
+]
 
 
 def build(*args: str):
@@ -117,8 +126,10 @@ def test_beta_with_sft_loss():
     raises_naming("loss.label_smoothing", "loss=ipo", "loss.beta=0.1", "loss.label_smoothing=0.1", "exp_name=x")
 
 
-@pytest.mark.parametrize("arg,key", [("batch_size=abc", "batch_size"), ("loss.beta=high", "loss.beta"),
-                                     ("do_first_eval=maybe", "do_first_eval")])
+@pytest.mark.parametrize(
+    "arg,key",
+    [("batch_size=abc", "batch_size"), ("loss.beta=high", "loss.beta"), ("do_first_eval=maybe", "do_first_eval")],
+)
 def test_wrong_type(arg, key):
     msg = raises_naming(key, "loss=dpo", arg, "exp_name=x")
     assert arg.split("=")[1] in msg
@@ -176,8 +187,9 @@ def test_argument_without_equals():
 # eval_every
 
 
-@pytest.mark.parametrize("eval_every,batch_size,expected", [(100, 64, 64), (130, 64, 128), (20_000, 64, 19_968),
-                                                            (10, 64, 64)])
+@pytest.mark.parametrize(
+    "eval_every,batch_size,expected", [(100, 64, 64), (130, 64, 128), (20_000, 64, 19_968), (10, 64, 64)]
+)
 def test_round_eval_every_rounds_down_with_warning(eval_every, batch_size, expected):
     cfg = build(f"eval_every={eval_every}", f"batch_size={batch_size}", "exp_name=x")
     with pytest.warns(UserWarning, match="eval_every"):
@@ -236,8 +248,16 @@ def test_help_lists_every_key_with_default():
     text = help_text()
     keys = _all_keys()
     assert len(keys) > 50
-    for key in ("loss.beta", "loss.label_smoothing", "loss.reference_free", "checkpoint.keep_last",
-                "wandb.enabled", "model.name_or_path", "seed", "datasets"):
+    for key in (
+        "loss.beta",
+        "loss.label_smoothing",
+        "loss.reference_free",
+        "checkpoint.keep_last",
+        "wandb.enabled",
+        "model.name_or_path",
+        "seed",
+        "datasets",
+    ):
         assert key in keys
     for key, shown in keys.items():
         pattern = re.compile(r"^  " + re.escape(key) + r" +\(" + re.escape(shown) + r"\) \S", re.M)

@@ -90,8 +90,9 @@ def test_truncation_keep_start_keeps_prompt_start(tok):
 def test_truncation_cuts_responses_when_still_too_long(tok):
     p, long, yes = ids(tok, LONG_PROMPT), ids(tok, " x" * 30), ids(tok, " yes")
     max_length, max_prompt = 20, 8
-    el = tokenize_element(LONG_PROMPT, " x" * 30, " yes", "keep_end", tok,
-                          max_length=max_length, max_prompt_length=max_prompt)
+    el = tokenize_element(
+        LONG_PROMPT, " x" * 30, " yes", "keep_end", tok, max_length=max_length, max_prompt_length=max_prompt
+    )
     budget = max_length - max_prompt
     assert el["prompt_input_ids"] == p[-max_prompt:]
     assert el["chosen_input_ids"] == p[-max_prompt:] + long[:budget]  # EOS cut off with the rest
@@ -116,15 +117,27 @@ def test_eos_text_in_data_raises_naming_dataset(tok, where):
     texts = {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " a", "rejected": " b"}
     texts[where] = texts[where] + EOS_TEXT + " more"
     with pytest.raises(DataError) as exc:
-        tokenize_element(texts["prompt"], texts["chosen"], texts["rejected"], "keep_end", tok,
-                         max_length=512, max_prompt_length=256, source="my_dataset")
+        tokenize_element(
+            texts["prompt"],
+            texts["chosen"],
+            texts["rejected"],
+            "keep_end",
+            tok,
+            max_length=512,
+            max_prompt_length=256,
+            source="my_dataset",
+        )
     assert "my_dataset" in str(exc.value)
     assert where in str(exc.value)
 
 
 def test_eos_text_in_batch_iterator_names_dataset(tok):
-    examples = [Example(f"\n\nHuman: q{i}{EOS_TEXT}\n\nAssistant:", [" a", " b"], [(0, 1)], " a", "keep_end", "hh:/data/x.jsonl")
-                for i in range(2)]
+    examples = [
+        Example(
+            f"\n\nHuman: q{i}{EOS_TEXT}\n\nAssistant:", [" a", " b"], [(0, 1)], " a", "keep_end", "hh:/data/x.jsonl"
+        )
+        for i in range(2)
+    ]
     it = BatchIterator(examples, tok, batch_size=2, max_length=64, max_prompt_length=32, sft_mode=False, n_epochs=1)
     with pytest.raises(DataError, match="hh:/data/x.jsonl"):
         next(iter(it))
@@ -136,11 +149,22 @@ def test_eos_text_in_batch_iterator_names_dataset(tok):
 
 def test_collate_pads_prompts_left_and_sequences_right():
     elements = [
-        {"prompt": "p1", "prompt_input_ids": [5, 6, 7], "prompt_attention_mask": [1, 1, 1],
-         "chosen_input_ids": [5, 6, 7, 8], "chosen_attention_mask": [1, 1, 1, 1], "chosen_labels": [-100, -100, -100, 8]},
-        {"prompt": "p2", "prompt_input_ids": [9], "prompt_attention_mask": [1],
-         "chosen_input_ids": [9, 10, 11, 12, 13, 14], "chosen_attention_mask": [1] * 6,
-         "chosen_labels": [-100, 10, 11, 12, 13, 14]},
+        {
+            "prompt": "p1",
+            "prompt_input_ids": [5, 6, 7],
+            "prompt_attention_mask": [1, 1, 1],
+            "chosen_input_ids": [5, 6, 7, 8],
+            "chosen_attention_mask": [1, 1, 1, 1],
+            "chosen_labels": [-100, -100, -100, 8],
+        },
+        {
+            "prompt": "p2",
+            "prompt_input_ids": [9],
+            "prompt_attention_mask": [1],
+            "chosen_input_ids": [9, 10, 11, 12, 13, 14],
+            "chosen_attention_mask": [1] * 6,
+            "chosen_labels": [-100, 10, 11, 12, 13, 14],
+        },
     ]
     b = collate(elements, pad_token_id=99)
     assert b["prompt"] == ["p1", "p2"]
@@ -160,12 +184,12 @@ def test_collate_tokenized_elements_use_tokenizer_pad(tok):
     n1 = len(e1["prompt_input_ids"])
     width = b["prompt_input_ids"].shape[1]
     assert width == len(e2["prompt_input_ids"]) > n1
-    assert b["prompt_input_ids"][0, width - n1:].tolist() == e1["prompt_input_ids"]
+    assert b["prompt_input_ids"][0, width - n1 :].tolist() == e1["prompt_input_ids"]
     assert (b["prompt_attention_mask"][0, : width - n1] == 0).all()
     r1 = len(e1["rejected_input_ids"])
     assert b["rejected_input_ids"][0, :r1].tolist() == e1["rejected_input_ids"]
-    assert b["rejected_labels"][1, len(e2["rejected_labels"]):].eq(-100).all()
-    assert b["rejected_attention_mask"][1, len(e2["rejected_labels"]):].eq(0).all()
+    assert b["rejected_labels"][1, len(e2["rejected_labels"]) :].eq(-100).all()
+    assert b["rejected_attention_mask"][1, len(e2["rejected_labels"]) :].eq(0).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +198,9 @@ def test_collate_tokenized_elements_use_tokenizer_pad(tok):
 
 def test_extract_anthropic_prompt_uses_last_assistant_turn():
     dialogue = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks"
-    assert extract_anthropic_prompt(dialogue) == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
+    assert (
+        extract_anthropic_prompt(dialogue) == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
+    )
     assert extract_anthropic_prompt("\n\nHuman: x\n\nAssistant:") == "\n\nHuman: x\n\nAssistant:"
 
 
@@ -262,8 +288,11 @@ def test_hh_local_directory_hub_layout(tmp_path):
     prompt = lambda i: f"\n\nHuman: question number {i}?\n\nAssistant:"  # noqa: E731
     assert set(train) == {prompt(i) for i in range(9)}
     assert set(test) == {prompt(i) for i in (100, 101, 102, 200)}
-    assert test[prompt(200)] == {"responses": [" ok 200", " no 200", " best 200", " worst 200"],
-                                 "pairs": [(0, 1), (2, 3)], "sft_target": " best 200"}
+    assert test[prompt(200)] == {
+        "responses": [" ok 200", " no 200", " best 200", " worst 200"],
+        "pairs": [(0, 1), (2, 3)],
+        "sft_target": " best 200",
+    }
     examples = load_examples([f"hh:{root}"], "train")
     assert len(examples) == 9 and all(e.truncation_mode == "keep_end" and e.source == f"hh:{root}" for e in examples)
 
@@ -328,7 +357,9 @@ def synthetic(n: int, source: str = "synthetic", pairs_per_prompt: int = 1) -> l
     for i in range(n):
         responses = [f" answer {i} {k}" for k in range(pairs_per_prompt + 1)]
         pairs = [(k, k + 1) for k in range(pairs_per_prompt)]
-        out.append(Example(f"\n\nHuman: question {i}\n\nAssistant:", responses, pairs, responses[0], "keep_end", source))
+        out.append(
+            Example(f"\n\nHuman: question {i}\n\nAssistant:", responses, pairs, responses[0], "keep_end", source)
+        )
     return out
 
 
@@ -396,7 +427,7 @@ def test_skip_batches_resumes_exactly(tok, k):
     full = list(make(tok, synthetic(10), **kw))
     skipped = list(make(tok, synthetic(10), skip_batches=k, **kw))
     assert len(full) == 6 and len(skipped) == 6 - k
-    for a, b in zip(full[k:], skipped):
+    for a, b in zip(full[k:], skipped, strict=False):
         assert a.keys() == b.keys()
         for key in a:
             if isinstance(a[key], torch.Tensor):

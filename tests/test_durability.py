@@ -30,7 +30,9 @@ def _limit_file_size():
 
 
 def _snapshot(run_dir: Path) -> dict:
-    return {str(p.relative_to(run_dir)): checksum_file(p) for d in ("step-4", "LATEST") for p in (run_dir / d).iterdir()}
+    return {
+        str(p.relative_to(run_dir)): checksum_file(p) for d in ("step-4", "LATEST") for p in (run_dir / d).iterdir()
+    }
 
 
 def test_failed_save_names_the_path_and_keeps_previous_checkpoints(tmp_path):
@@ -39,17 +41,30 @@ def test_failed_save_names_the_path_and_keeps_previous_checkpoints(tmp_path):
     before = _snapshot(run_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
-    stopped = subprocess.run([str(BIN / "dpokit"), "train", f"resume={run_dir}", "n_examples=16"],
-                             capture_output=True, text=True, env=env, preexec_fn=_limit_file_size)
+    stopped = subprocess.run(
+        [str(BIN / "dpokit"), "train", f"resume={run_dir}", "n_examples=16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limit_file_size,
+    )
     assert stopped.returncode != 0 and "Traceback" not in stopped.stderr
-    error = [l for l in stopped.stderr.splitlines() if l.startswith("dpokit: error:")]
+    error = [line for line in stopped.stderr.splitlines() if line.startswith("dpokit: error:")]
     assert len(error) == 1 and str(run_dir / "step-12") in error[0] and "File too large" in error[0]
-    assert _snapshot(run_dir) == before and verify_dir(run_dir / "step-4") is None and verify_dir(run_dir / "LATEST") is None
+    assert (
+        _snapshot(run_dir) == before
+        and verify_dir(run_dir / "step-4") is None
+        and verify_dir(run_dir / "LATEST") is None
+    )
     assert not any(p.name.startswith(".staging-") for p in run_dir.iterdir())
 
-    warned = subprocess.run([str(BIN / "dpokit"), "train", f"resume={run_dir}", "n_examples=16",
-                             "checkpoint.on_error=warn"], capture_output=True, text=True, env=env,
-                            preexec_fn=_limit_file_size)
+    warned = subprocess.run(
+        [str(BIN / "dpokit"), "train", f"resume={run_dir}", "n_examples=16", "checkpoint.on_error=warn"],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limit_file_size,
+    )
     assert warned.returncode == 0, warned.stderr[-2000:]
     assert warned.stdout.count("WARNING: checkpoint not saved") == 2  # step-12 and LATEST
     assert "train stats after 16 examples" in warned.stdout  # training went on to the end

@@ -31,7 +31,7 @@ def inputs(requires_grad: bool = False):
 
 def close(t: torch.Tensor, expected: list[float], tol: float = 1e-9) -> None:
     assert t.shape == (len(expected),)
-    for got, want in zip(t.tolist(), expected):
+    for got, want in zip(t.tolist(), expected, strict=False):
         assert got == pytest.approx(want, abs=tol, rel=tol), (t.tolist(), expected)
 
 
@@ -93,8 +93,8 @@ def test_rewards_are_beta_times_logratio_and_detached():
     beta = 0.1
     pi_w, pi_l, ref_w, ref_l = inputs(requires_grad=True)
     losses, chosen_r, rejected_r = preference_loss(pi_w, pi_l, ref_w, ref_l, beta=beta)
-    close(chosen_r, [beta * (p - r) for p, r in zip(PI_W, REF_W)])  # [0.1, -0.1]
-    close(rejected_r, [beta * (p - r) for p, r in zip(PI_L, REF_L)])  # [-0.05, 0.05]
+    close(chosen_r, [beta * (p - r) for p, r in zip(PI_W, REF_W, strict=False)])  # [0.1, -0.1]
+    close(rejected_r, [beta * (p - r) for p, r in zip(PI_L, REF_L, strict=False)])  # [-0.05, 0.05]
     assert not chosen_r.requires_grad and not rejected_r.requires_grad
     assert chosen_r.grad_fn is None and rejected_r.grad_fn is None
     assert losses.requires_grad
@@ -103,8 +103,8 @@ def test_rewards_are_beta_times_logratio_and_detached():
 def test_rewards_same_with_reference_free():
     beta = 0.2
     _, chosen_r, rejected_r = preference_loss(*inputs(), beta=beta, reference_free=True)
-    close(chosen_r, [beta * (p - r) for p, r in zip(PI_W, REF_W)])
-    close(rejected_r, [beta * (p - r) for p, r in zip(PI_L, REF_L)])
+    close(chosen_r, [beta * (p - r) for p, r in zip(PI_W, REF_W, strict=False)])
+    close(rejected_r, [beta * (p - r) for p, r in zip(PI_L, REF_L, strict=False)])
 
 
 def test_dpo_gradient_matches_hand_derivative():

@@ -23,16 +23,32 @@ def _interrupted_copy(run_dir: Path, dest: Path, keep: str) -> Path:
     """The run as a crash after `keep` would have left it: later checkpoints never written."""
     shutil.copytree(run_dir, dest, symlinks=True)
     for p in dest.iterdir():
-        if p.name.startswith("step-") and p.name != keep or p.name in ("LATEST", "best") or p.name.startswith(".LATEST-"):
+        if (
+            p.name.startswith("step-")
+            and p.name != keep
+            or p.name in ("LATEST", "best")
+            or p.name.startswith(".LATEST-")
+        ):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return dest
 
 
 @pytest.mark.parametrize("loss_args", [["loss=sft"], ["loss=dpo", "loss.beta=0.1"]], ids=["sft", "dpo"])
 def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
-    common = [*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", *loss_args, "batch_size=4",
-              "n_examples=28", "eval_every=8", "sample_during_eval=true", "n_eval_model_samples=8",
-              "max_length=48", "optimizer=AdamW", "warmup_steps=3"]
+    common = [
+        *FAST,
+        "exp_name=r",
+        f"local_dirs=[{tmp_path / 'runs'}]",
+        *loss_args,
+        "batch_size=4",
+        "n_examples=28",
+        "eval_every=8",
+        "sample_during_eval=true",
+        "n_eval_model_samples=8",
+        "max_length=48",
+        "optimizer=AdamW",
+        "warmup_steps=3",
+    ]
     full = main(common)
     full_dir = Path(full["run_dir"])
     resumed_dir = _interrupted_copy(full_dir, tmp_path / "resumed_run", keep="step-8")
@@ -42,7 +58,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
 
     assert Path(resumed["run_dir"]) == resumed_dir  # writes into the same run directory
     after_resume = metrics_log(resumed_dir)[n_lines_before:]
-    expected = [(s, l) for s, l in _train_losses(metrics_log(full_dir)) if s > 8]
+    expected = [(s, loss) for s, loss in _train_losses(metrics_log(full_dir)) if s > 8]
     assert _train_losses(after_resume) == expected and len(expected) == 5  # steps 12..28, exact floats
     a = torch.load(full_dir / "LATEST" / "policy.pt", weights_only=True)
     b = torch.load(resumed_dir / "LATEST" / "policy.pt", weights_only=True)
@@ -51,12 +67,23 @@ def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
     oa = torch.load(full_dir / "LATEST" / "optimizer.pt", weights_only=True)["state"]
     ob = torch.load(resumed_dir / "LATEST" / "optimizer.pt", weights_only=True)["state"]
     assert all(torch.equal(oa["state"][i]["exp_avg"], ob["state"][i]["exp_avg"]) for i in oa["state"])
-    assert sorted(p.name for p in resumed_dir.iterdir() if p.name.startswith("step-")) == ["step-16", "step-24", "step-8"]
+    assert sorted(p.name for p in resumed_dir.iterdir() if p.name.startswith("step-")) == [
+        "step-16",
+        "step-24",
+        "step-8",
+    ]
 
 
 def test_resume_without_optimizer_state_is_refused(tmp_path):
-    common = [*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4", "n_examples=8",
-              "eval_every=4", "checkpoint.save_optimizer=false"]
+    common = [
+        *FAST,
+        "exp_name=r",
+        f"local_dirs=[{tmp_path / 'runs'}]",
+        "batch_size=4",
+        "n_examples=8",
+        "eval_every=4",
+        "checkpoint.save_optimizer=false",
+    ]
     run_dir = Path(main(common)["run_dir"])
     assert sorted(p.name for p in (run_dir / "step-4").iterdir()) == ["manifest.json", "policy.pt"]
     with pytest.raises(CheckpointError, match="save_optimizer=false"):
@@ -64,8 +91,11 @@ def test_resume_without_optimizer_state_is_refused(tmp_path):
 
 
 def test_resume_with_incompatible_config_names_the_keys(tmp_path):
-    run_dir = Path(main([*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4",
-                         "n_examples=8", "eval_every=4"])["run_dir"])
+    run_dir = Path(
+        main(
+            [*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4", "n_examples=8", "eval_every=4"]
+        )["run_dir"]
+    )
     with pytest.raises(ConfigError, match="batch_size.*resume_force") as err:
         build_config([f"resume={run_dir}", "batch_size=8"])
     assert "loss" not in str(err.value).split("keys")[1].split("differ")[0]
@@ -79,8 +109,11 @@ def test_resume_with_incompatible_config_names_the_keys(tmp_path):
 
 
 def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
-    run_dir = Path(main([*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4",
-                         "n_examples=12", "eval_every=4"])["run_dir"])
+    run_dir = Path(
+        main(
+            [*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4", "n_examples=12", "eval_every=4"]
+        )["run_dir"]
+    )
     latest_policy = run_dir / "LATEST" / "policy.pt"
     data = bytearray(latest_policy.read_bytes())
     data[len(data) // 2] ^= 0xFF

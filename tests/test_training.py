@@ -25,8 +25,9 @@ def sft_run(tmp_path_factory):
     from dpokit.train import main
 
     root = tmp_path_factory.mktemp("sft")
-    return main([*FAST, "exp_name=sft", f"local_dirs=[{root}]", "loss=sft", "batch_size=4",
-                 "n_examples=24", "eval_every=8"])
+    return main(
+        [*FAST, "exp_name=sft", f"local_dirs=[{root}]", "loss=sft", "batch_size=4", "n_examples=24", "eval_every=8"]
+    )
 
 
 def test_sft_run_writes_reference_checkpoint_layout(sft_run):
@@ -38,7 +39,7 @@ def test_sft_run_writes_reference_checkpoint_layout(sft_run):
     expected_keys = set(load_model("tiny").state_dict())
     for name, step in (("step-8", 8), ("step-16", 16), ("LATEST", 24)):
         ckpt = run_dir / name
-        assert CONTRACT <= {p.name for p in ckpt.iterdir()}
+        assert {p.name for p in ckpt.iterdir()} >= CONTRACT
         for filename in CONTRACT:
             payload = load(ckpt / filename)
             assert set(payload) == {"step_idx", "state", "metrics"}
@@ -66,8 +67,14 @@ def test_sft_lowers_eval_loss(sft_run):
 
 
 def test_dpo_from_sft_archive_starts_at_log2(sft_run, train):
-    summary = train("loss=dpo", "loss.beta=0.1", f"model.archive={sft_run['run_dir']}/LATEST/policy.pt",
-                    "n_examples=8", "eval_every=8", "batch_size=4")
+    summary = train(
+        "loss=dpo",
+        "loss.beta=0.1",
+        f"model.archive={sft_run['run_dir']}/LATEST/policy.pt",
+        "n_examples=8",
+        "eval_every=8",
+        "batch_size=4",
+    )
     first_eval = next(m for m in metrics_log(summary["run_dir"]) if "loss/eval" in m)
     # policy == reference == SFT weights: every reward is 0 and the loss is log 2
     assert first_eval["rewards_eval/chosen"] == 0 and first_eval["rewards_eval/margins"] == 0
@@ -75,14 +82,26 @@ def test_dpo_from_sft_archive_starts_at_log2(sft_run, train):
     for key in ("rewards_eval/accuracies", "logps_eval/rejected", "loss/eval"):
         assert key in first_eval
     train_log = [m for m in metrics_log(summary["run_dir"]) if "loss/train" in m]
-    assert {"grad_norm", "examples_per_second", "counters/examples", "counters/updates",
-            "rewards_train/margins"} <= set(train_log[0])
+    assert {
+        "grad_norm",
+        "examples_per_second",
+        "counters/examples",
+        "counters/updates",
+        "rewards_train/margins",
+    } <= set(train_log[0])
 
 
 def test_archive_may_be_a_run_or_checkpoint_directory(sft_run, train):
     for archive in (sft_run["run_dir"], f"{sft_run['run_dir']}/step-16"):
-        summary = train("loss=ipo", "loss.beta=0.5", f"model.archive={archive}", "n_examples=4",
-                        "eval_every=4", "batch_size=4", "do_first_eval=false")
+        summary = train(
+            "loss=ipo",
+            "loss.beta=0.5",
+            f"model.archive={archive}",
+            "n_examples=4",
+            "eval_every=4",
+            "batch_size=4",
+            "do_first_eval=false",
+        )
         assert summary["final_metrics"]["loss/eval"] > 0
 
 
@@ -91,17 +110,34 @@ def test_reference_written_archive_loads_unchanged(tmp_path, train):
     model = load_model("tiny", seed=7)
     ref_dir = tmp_path / "reference_run" / "LATEST"
     ref_dir.mkdir(parents=True)
-    torch.save({"step_idx": 160, "state": collections.OrderedDict(model.state_dict()),
-                "metrics": {"loss/eval": 1.5}}, ref_dir / "policy.pt")
-    summary = train("loss=dpo", "loss.beta=0.1", f"model.archive={ref_dir / 'policy.pt'}",
-                    "n_examples=4", "eval_every=4", "batch_size=4")
+    torch.save(
+        {"step_idx": 160, "state": collections.OrderedDict(model.state_dict()), "metrics": {"loss/eval": 1.5}},
+        ref_dir / "policy.pt",
+    )
+    summary = train(
+        "loss=dpo",
+        "loss.beta=0.1",
+        f"model.archive={ref_dir / 'policy.pt'}",
+        "n_examples=4",
+        "eval_every=4",
+        "batch_size=4",
+    )
     first_eval = next(m for m in metrics_log(summary["run_dir"]) if "loss/eval" in m)
     assert first_eval["loss/eval"] == pytest.approx(math.log(2), abs=1e-6)
     # the run really started from those weights: a fresh seed-0 model scores differently
     fresh = train("loss=sft", "n_examples=4", "eval_every=4", "batch_size=4", exp_name="fresh")
-    started = train("loss=sft", f"model.archive={ref_dir / 'policy.pt'}", "n_examples=4", "eval_every=4",
-                    "batch_size=4", exp_name="from_ref")
-    first = lambda s: next(m for m in metrics_log(s["run_dir"]) if "loss/eval" in m)["loss/eval"]
+    started = train(
+        "loss=sft",
+        f"model.archive={ref_dir / 'policy.pt'}",
+        "n_examples=4",
+        "eval_every=4",
+        "batch_size=4",
+        exp_name="from_ref",
+    )
+
+    def first(s):
+        return next(m for m in metrics_log(s["run_dir"]) if "loss/eval" in m)["loss/eval"]
+
     assert first(fresh) != pytest.approx(first(started), rel=1e-4)
 
 
@@ -113,8 +149,14 @@ def test_debug_mode_writes_no_step_checkpoints(train):
 def test_gradient_accumulation_matches_full_batch(train):
     """Splitting a batch into micro-batches must not change the update (fp32, CPU)."""
     a = train("batch_size=4", "n_examples=8", "eval_every=8", "do_first_eval=false", exp_name="full")
-    b = train("batch_size=4", "gradient_accumulation_steps=2", "n_examples=8", "eval_every=8",
-              "do_first_eval=false", exp_name="accum")
+    b = train(
+        "batch_size=4",
+        "gradient_accumulation_steps=2",
+        "n_examples=8",
+        "eval_every=8",
+        "do_first_eval=false",
+        exp_name="accum",
+    )
     pa = load(Path(a["run_dir"]) / "LATEST" / "policy.pt")["state"]
     pb = load(Path(b["run_dir"]) / "LATEST" / "policy.pt")["state"]
     for k in pa:
@@ -129,8 +171,18 @@ def test_dpo_learns_on_a_fixed_set_of_bundled_pairs(tmp_path, train):
     data_dir.mkdir()
     for split in ("train", "test"):
         (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    summary = train(f"datasets=[hh:{data_dir}]", "loss=dpo", "loss.beta=0.1", "batch_size=4", "n_epochs=6",
-                    "eval_every=1000", "n_eval_examples=16", "lr=1e-3", "optimizer=AdamW", "seed=0")
+    summary = train(
+        f"datasets=[hh:{data_dir}]",
+        "loss=dpo",
+        "loss.beta=0.1",
+        "batch_size=4",
+        "n_epochs=6",
+        "eval_every=1000",
+        "n_eval_examples=16",
+        "lr=1e-3",
+        "optimizer=AdamW",
+        "seed=0",
+    )
     log = metrics_log(summary["run_dir"])
     evals = [m for m in log if "loss/eval" in m]
     assert evals[0]["loss/eval"] == pytest.approx(math.log(2), abs=1e-6)
@@ -147,7 +199,7 @@ def test_dpo_learns_on_a_fixed_set_of_bundled_pairs(tmp_path, train):
 def _assert_one_line_error(result, *needles: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.startswith("dpokit: error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dpokit: error:")]
     assert len(lines) == 1, result.stderr[-2000:]
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -199,8 +251,11 @@ def test_dataset_file_with_a_bad_line(tmp_path):
 
 def test_dpo_without_beta_and_bad_batch_split(tmp_path):
     _assert_one_line_error(_cli_train(tmp_path, "loss=dpo"), "loss.beta")
-    _assert_one_line_error(_cli_train(tmp_path, "batch_size=5", "gradient_accumulation_steps=2"),
-                           "batch_size", "gradient_accumulation_steps")
+    _assert_one_line_error(
+        _cli_train(tmp_path, "batch_size=5", "gradient_accumulation_steps=2"),
+        "batch_size",
+        "gradient_accumulation_steps",
+    )
     assert not (tmp_path / "runs").exists()  # refused before any work started
 
 

@@ -27,9 +27,10 @@ import platform
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO
 
 import torch
 import xxhash
@@ -69,7 +70,7 @@ class _HashingWriter:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.hash, self.size = f, xxhash.xxh3_64(), 0
-        self.error: Optional[OSError] = None  # torch.save re-raises write errors as RuntimeError
+        self.error: OSError | None = None  # torch.save re-raises write errors as RuntimeError
 
     def write(self, data) -> int:
         self.hash.update(data)
@@ -88,7 +89,7 @@ class _HashingWriter:
 class FileRecord:
     size: int
     xxh3_64: str
-    step_idx: Optional[int] = None
+    step_idx: int | None = None
 
 
 def _fail(action: str, path: str | os.PathLike, err: OSError) -> CheckpointError:
@@ -100,7 +101,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], fsync: b
     """Write `path` so that it is either absent/old or complete/new, whatever happens."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_INFIX}{uuid.uuid4().hex[:8]}")
-    writer: Optional[_HashingWriter] = None
+    writer: _HashingWriter | None = None
     try:
         with open(tmp, "wb") as f:
             writer = _HashingWriter(f)
@@ -132,7 +133,9 @@ def checksum_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def write_payload(path: str | os.PathLike, step: int, state: Any, metrics: Optional[dict], fsync: bool = True) -> FileRecord:
+def write_payload(
+    path: str | os.PathLike, step: int, state: Any, metrics: dict | None, fsync: bool = True
+) -> FileRecord:
     """One contract file: torch.save({'step_idx', 'state', 'metrics'}), atomically."""
     payload = {"step_idx": step, "state": state, "metrics": metrics if metrics is not None else {}}
     record = atomic_write(path, lambda f: torch.save(payload, f), fsync)
@@ -162,15 +165,20 @@ def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
         if "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path} needs arbitrary pickle to load (it stores Python objects, not only tensors), which dpokit "
-                f"refuses for safety; if you trust the file, convert it with: python -c \"import torch; "
-                f"p=torch.load('{path}', weights_only=False); torch.save(p, '{path}.converted')\"") from None
+                f'refuses for safety; if you trust the file, convert it with: python -c "import torch; '
+                f"p=torch.load('{path}', weights_only=False); torch.save(p, '{path}.converted')\""
+            ) from None
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({_first_line(err)})") from None
     except Exception as err:  # torch reports damaged archives with many exception types
-        raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+        raise CheckpointError(
+            f"{path} is truncated or not a torch checkpoint ({type(err).__name__}: {_first_line(err)})"
+        ) from None
     if not isinstance(payload, dict) or "state" not in payload or "step_idx" not in payload:
         kind = f"dict with keys {sorted(payload)[:5]}" if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path} is not a dpokit/DPO-reference checkpoint: expected a dict with 'step_idx', "
-                              f"'state' and 'metrics', found a {kind}")
+        raise CheckpointError(
+            f"{path} is not a dpokit/DPO-reference checkpoint: expected a dict with 'step_idx', "
+            f"'state' and 'metrics', found a {kind}"
+        )
     return payload
 
 
@@ -188,11 +196,15 @@ def library_versions() -> dict[str, str]:
 
     from dpokit import __version__
 
-    return {"dpokit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "dpokit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def read_manifest(ckpt_dir: str | os.PathLike) -> Optional[dict]:
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict | None:
     path = Path(ckpt_dir) / MANIFEST
     if not path.exists():
         return None
@@ -200,12 +212,16 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> Optional[dict]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is unreadable ({_first_line(err)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise CheckpointError(f"{path} is not a dpokit manifest")
     return manifest
 
 
-def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> Optional[str]:
+def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | None:
     """None if the directory is a complete checkpoint, else a one-line reason.
 
     With a manifest: every listed file exists with its size (and checksum). Without one (written by
@@ -248,13 +264,13 @@ def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> Optional[
     return None
 
 
-def step_of(name: str) -> Optional[int]:
-    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
-        return int(name[len(STEP_PREFIX):])
+def step_of(name: str) -> int | None:
+    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX) :].isdigit():
+        return int(name[len(STEP_PREFIX) :])
     return None
 
 
-def dir_step(ckpt_dir: Path) -> Optional[int]:
+def dir_step(ckpt_dir: Path) -> int | None:
     """The step a checkpoint directory holds (from its manifest, else its policy.pt)."""
     try:
         manifest = read_manifest(ckpt_dir)
@@ -266,8 +282,7 @@ def dir_step(ckpt_dir: Path) -> Optional[int]:
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (
-        (path / LATEST).exists() or any(step_of(p.name) is not None for p in path.iterdir()))
+    return path.is_dir() and ((path / LATEST).exists() or any(step_of(p.name) is not None for p in path.iterdir()))
 
 
 def resolve_archive(path: str | os.PathLike) -> Path:
@@ -301,7 +316,7 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda sp: (sp[0], sp[1].name == LATEST), reverse=True)
 
 
-def newest_complete(run_dir: Path, checksums: bool = True, log: Callable[[str], None] = print) -> Optional[Path]:
+def newest_complete(run_dir: Path, checksums: bool = True, log: Callable[[str], None] = print) -> Path | None:
     """The newest checkpoint directory that verifies; damaged newer ones are reported loudly."""
     for _, path in checkpoint_dirs(run_dir):
         problem = verify_dir(path, checksums=checksums)
@@ -315,8 +330,13 @@ def newest_complete(run_dir: Path, checksums: bool = True, log: Callable[[str], 
 # retention: plain logic, tested without a disk
 
 
-def select_retained(entries: list[tuple[str, int, Optional[float]]], keep_last: Optional[int],
-                    keep_best: Optional[int], mode: str = "min", protected: frozenset[str] = frozenset()) -> set[str]:
+def select_retained(
+    entries: list[tuple[str, int, float | None]],
+    keep_last: int | None,
+    keep_best: int | None,
+    mode: str = "min",
+    protected: frozenset[str] = frozenset(),
+) -> set[str]:
     """Names of step directories to keep. entries: (name, step, metric or None).
 
     No limit set keeps everything. Otherwise the union of the newest keep_last and the best
@@ -329,17 +349,21 @@ def select_retained(entries: list[tuple[str, int, Optional[float]]], keep_last: 
     if keep_last is not None:
         keep |= {name for name, _, _ in sorted(entries, key=lambda e: e[1], reverse=True)[:keep_last]}
     if keep_best is not None:
-        scored = [e for e in entries if e[2] is not None]
-        scored.sort(key=lambda e: (e[2] if mode == "min" else -e[2], -e[1]))
-        keep |= {name for name, _, _ in scored[:keep_best]}
+        keep |= {name for name, _ in _ranked(entries, mode)[:keep_best]}
     return keep
 
 
-def best_of(entries: list[tuple[str, int, Optional[float]]], mode: str) -> Optional[str]:
-    scored = [e for e in entries if e[2] is not None]
-    if not scored:
-        return None
-    return min(scored, key=lambda e: (e[2] if mode == "min" else -e[2], -e[1]))[0]
+def _ranked(entries: list[tuple[str, int, float | None]], mode: str) -> list[tuple[str, int]]:
+    """(name, step) of the entries that have a metric, best first; ties go to the newer step."""
+    scored = [
+        (name, step, metric if mode == "min" else -metric) for name, step, metric in entries if metric is not None
+    ]
+    return [(name, step) for name, step, _ in sorted(scored, key=lambda e: (e[2], -e[1]))]
+
+
+def best_of(entries: list[tuple[str, int, float | None]], mode: str) -> str | None:
+    ranked = _ranked(entries, mode)
+    return ranked[0][0] if ranked else None
 
 
 # ============================================================================================
@@ -352,11 +376,11 @@ class CheckpointStore:
 
     run_dir: Path
     fsync: bool = True
-    keep_last: Optional[int] = None
-    keep_best: Optional[int] = None
+    keep_last: int | None = None
+    keep_best: int | None = None
     best_metric: str = "loss/eval"
     best_mode: str = "min"
-    config: Optional[dict] = None
+    config: dict | None = None
     log: Callable[[str], None] = print
     _records: dict[Path, dict[str, FileRecord]] = field(default_factory=dict, repr=False)
 
@@ -365,7 +389,7 @@ class CheckpointStore:
 
     # -- staging -------------------------------------------------------------------------------
 
-    def begin(self, parent: Optional[Path] = None) -> Path:
+    def begin(self, parent: Path | None = None) -> Path:
         """A fresh hidden staging directory beside its future place (same filesystem, so the
         final rename is atomic); files written into it are recorded for the manifest."""
         parent = Path(parent) if parent is not None else self.run_dir
@@ -382,7 +406,7 @@ class CheckpointStore:
         self._records.pop(staging, None)
         shutil.rmtree(staging, ignore_errors=True)
 
-    def write(self, directory: Path, filename: str, step: int, state: Any, metrics: Optional[dict]) -> None:
+    def write(self, directory: Path, filename: str, step: int, state: Any, metrics: dict | None) -> None:
         """Write one contract file. Into a staging directory it is recorded for the manifest;
         anywhere else the whole directory is republished (copy-on-write), so a published
         checkpoint and its manifest never disagree."""
@@ -405,7 +429,10 @@ class CheckpointStore:
                     os.link(old, staging / old.name)
                     rec = known.get(old.name)
                     self._records[staging][old.name] = (
-                        FileRecord(**rec) if rec else FileRecord(old.stat().st_size, checksum_file(old), _step_if_contract(old)))
+                        FileRecord(**rec)
+                        if rec
+                        else FileRecord(old.stat().st_size, checksum_file(old), _step_if_contract(old))
+                    )
             self._records[staging][filename] = write_payload(staging / filename, step, state, metrics, self.fsync)
             self.publish(staging, directory.name, step, metrics, parent=directory.parent)
         except BaseException:
@@ -414,14 +441,18 @@ class CheckpointStore:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    def publish(self, staging: Path, name: str, step: int, metrics: Optional[dict], parent: Optional[Path] = None) -> Path:
+    def publish(self, staging: Path, name: str, step: int, metrics: dict | None, parent: Path | None = None) -> Path:
         """Seal a staging directory (manifest last, fsync) and move it into place as `name`."""
         parent = Path(parent) if parent is not None else self.run_dir
         records = self._records.pop(staging, {})
         manifest = {
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step,
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "step": step,
             "files": {k: vars(v) for k, v in sorted(records.items())},
-            "metrics": metrics or {}, "config": self.config, "versions": library_versions(),
+            "metrics": metrics or {},
+            "config": self.config,
+            "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         try:
@@ -481,9 +512,11 @@ class CheckpointStore:
         live = os.readlink(latest) if latest.is_symlink() else None
         removed = []
         for p in self.run_dir.iterdir():
-            stale = (p.name.startswith((STAGING_PREFIX, TRASH_PREFIX, LINK_TMP_PREFIX))
-                     or (p.name.startswith(LATEST_DIR_PREFIX) and p.name != live)
-                     or (TMP_INFIX in p.name and p.name.startswith(".")))
+            stale = (
+                p.name.startswith((STAGING_PREFIX, TRASH_PREFIX, LINK_TMP_PREFIX))
+                or (p.name.startswith(LATEST_DIR_PREFIX) and p.name != live)
+                or (TMP_INFIX in p.name and p.name.startswith("."))
+            )
             if stale:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
@@ -494,7 +527,7 @@ class CheckpointStore:
 
     # -- retention -----------------------------------------------------------------------------
 
-    def _entries(self) -> list[tuple[str, int, Optional[float]]]:
+    def _entries(self) -> list[tuple[str, int, float | None]]:
         entries = []
         for p in self.run_dir.iterdir():
             step = step_of(p.name)
@@ -531,11 +564,11 @@ class CheckpointStore:
                 self.log(f"retention: removed {self.run_dir / name}")
 
 
-def _link_name(path: Path) -> Optional[str]:
+def _link_name(path: Path) -> str | None:
     return os.readlink(path) if path.is_symlink() else None
 
 
-def _step_if_contract(path: Path) -> Optional[int]:
+def _step_if_contract(path: Path) -> int | None:
     if path.name not in CONTRACT_FILES:
         return None
     try:

@@ -11,8 +11,8 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from dpokit.errors import DpokitError
 
@@ -75,8 +75,10 @@ def cmd_show(path: Path) -> int:
             print("  manifest: none (written by the DPO reference or another tool)")
         else:
             v = manifest.get("versions", {})
-            print(f"  manifest: step {manifest['step']}, written {manifest.get('created')}, "
-                  f"dpokit {v.get('dpokit')}, torch {v.get('torch')}, transformers {v.get('transformers')}")
+            print(
+                f"  manifest: step {manifest['step']}, written {manifest.get('created')}, "
+                f"dpokit {v.get('dpokit')}, torch {v.get('torch')}, transformers {v.get('transformers')}"
+            )
             model = (manifest.get("config") or {}).get("model", {})
             loss = (manifest.get("config") or {}).get("loss", {})
             if model:
@@ -93,8 +95,14 @@ def cmd_show(path: Path) -> int:
         print(f"  {f.name}: {_human(f.stat().st_size)}, step_idx {payload['step_idx']}, {what}")
         if not metrics_shown:
             metrics = payload.get("metrics") or {}
-            print("  metrics: " + (json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()})
-                                   if metrics else "{}"))
+            print(
+                "  metrics: "
+                + (
+                    json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()})
+                    if metrics
+                    else "{}"
+                )
+            )
             metrics_shown = True
     return 0
 
@@ -107,7 +115,9 @@ def cmd_verify(path: Path) -> int:
         return 1
     if path.is_file():
         path = path.parent
-    targets = [p for _, p in checkpoint_dirs(path)] if is_run_dir(path) and not (path / "policy.pt").exists() else [path]
+    targets = (
+        [p for _, p in checkpoint_dirs(path)] if is_run_dir(path) and not (path / "policy.pt").exists() else [path]
+    )
     bad = 0
     for target in targets:
         problem = verify_dir(target)
@@ -142,12 +152,14 @@ def cmd_diff(a: Path, b: Path, tolerance: float) -> int:
     for key, what in differing:
         print(f"differs: {key}: {what}")
     common = len(set(sa) & set(sb))
-    print(f"{len(differing)} of {common} common tensors differ (tolerance {tolerance}); "
-          f"{len(only_a)} only in A, {len(only_b)} only in B")
+    print(
+        f"{len(differing)} of {common} common tensors differ (tolerance {tolerance}); "
+        f"{len(only_a)} only in A, {len(only_b)} only in B"
+    )
     return 1 if (differing or only_a or only_b) else 0
 
 
-def cmd_export(ckpt: Path, out_dir: Path, model_name: Optional[str], force: bool) -> int:
+def cmd_export(ckpt: Path, out_dir: Path, model_name: str | None, force: bool) -> int:
     from dpokit.export import export_hf
 
     export_hf(ckpt, out_dir, model_name, force)
@@ -201,7 +213,7 @@ commands:
 """
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import omegaconf
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -45,7 +45,9 @@ def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclass
 class ModelConfig:
     name_or_path: str = _doc("hub name or local directory of the model ('tiny' is the bundled one)", MISSING)
     tokenizer_name_or_path: Optional[str] = _doc("tokenizer to load; null means name_or_path", None)
-    archive: Optional[str] = _doc("checkpoint to start from: a policy.pt, a checkpoint directory or a run directory", None)
+    archive: Optional[str] = _doc(
+        "checkpoint to start from: a policy.pt, a checkpoint directory or a run directory", None
+    )
     block_name: Optional[str] = _doc("class name of the transformer block (for FSDP wrapping)", None)
     policy_dtype: str = _doc("torch dtype of the trained policy", "float32")
     fsdp_policy_mp: Optional[str] = _doc("mixed-precision dtype for FSDP (unused by BasicTrainer)", None)
@@ -95,14 +97,24 @@ class CheckpointConfig:
 @dataclass
 class Config:
     seed: int = _doc("random seed for initialisation and data order", 0)
-    exp_name: str = _doc("name of the experiment; the run directory is {local_dirs[i]}/{user}/{exp_name}_{timestamp}", MISSING)
-    batch_size: int = _doc("training examples per optimizer step (split into gradient_accumulation_steps micro-batches)", 4)
+    exp_name: str = _doc(
+        "name of the experiment; the run directory is {local_dirs[i]}/{user}/{exp_name}_{timestamp}", MISSING
+    )
+    batch_size: int = _doc(
+        "training examples per optimizer step (split into gradient_accumulation_steps micro-batches)", 4
+    )
     eval_batch_size: int = _doc("examples per batch during evaluation and sampling", 16)
     debug: bool = _doc("debug mode: no checkpoints and no wandb", False)
     fsdp_port: Optional[int] = _doc("port for the distributed rendezvous (FSDP)", None)
-    datasets: list[str] = _doc("datasets to train on: hh, shp, se, hh_sample, or hh:PATH for a local HH-format file or directory", factory=lambda: ["hh_sample"])
+    datasets: list[str] = _doc(
+        "datasets to train on: hh, shp, se, hh_sample, or hh:PATH for a local HH-format file or directory",
+        factory=lambda: ["hh_sample"],
+    )
     wandb: WandbConfig = _doc("Weights & Biases logging", factory=WandbConfig)
-    local_dirs: list[str] = _doc("the first of these that exists holds run directories and caches (the last is created if none does)", factory=lambda: ["/scr-ssd", "/scr", ".cache"])
+    local_dirs: list[str] = _doc(
+        "the first of these that exists holds run directories and caches (the last is created if none does)",
+        factory=lambda: ["/scr-ssd", "/scr", ".cache"],
+    )
     sample_during_eval: bool = _doc("generate samples from the policy (and reference) at each evaluation", True)
     n_eval_model_samples: int = _doc("number of prompts to sample from at each evaluation", 16)
     do_first_eval: bool = _doc("evaluate before the first training step", True)
@@ -121,7 +133,9 @@ class Config:
     activation_checkpointing: bool = _doc("recompute activations in backward to save memory", False)
     eval_every: int = _doc("evaluate and save a checkpoint every this many training examples", 20_000)
     minimum_log_interval_secs: float = _doc("do not log training metrics more often than this", 1.0)
-    resume: Optional[str] = _doc("continue a run: a run directory (its newest complete checkpoint) or a checkpoint directory", None)
+    resume: Optional[str] = _doc(
+        "continue a run: a run directory (its newest complete checkpoint) or a checkpoint directory", None
+    )
     resume_force: bool = _doc("resume even if model, loss or batch size differ from the saved run's config", False)
     checkpoint: CheckpointConfig = _doc("checkpoint durability and retention", factory=CheckpointConfig)
     model: Any = _doc("model config group: tiny, blank_model, gpt2-large, pythia28, ... (model=NAME)", None)
@@ -145,11 +159,9 @@ def _load_group(group: str, name: str) -> DictConfig:
     if name not in options:
         raise ConfigError(f"unknown {group} config '{name}' for key '{group}'; choose one of: {', '.join(options)}")
     raw = OmegaConf.load(_conf_dir() / group / f"{name}.yaml")
-    if group == "model":
-        schema = ModelConfig
-    else:
-        schema = LOSS_SCHEMAS.get(raw.get("name"), SFTLossConfig)
-    return OmegaConf.merge(OmegaConf.structured(schema), raw)
+    assert isinstance(raw, DictConfig), f"{group}/{name}.yaml is not a mapping"
+    schema = ModelConfig if group == "model" else LOSS_SCHEMAS.get(str(raw.get("name")), SFTLossConfig)
+    return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema), raw))
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +214,7 @@ def parse_args(args: list[str], base: Optional[dict] = None) -> DictConfig:
         for group in GROUPS:
             if base is not None and group not in named_groups:
                 saved = base.get(group) or {}
-                schema = ModelConfig if group == "model" else LOSS_SCHEMAS.get(saved.get("name"), SFTLossConfig)
+                schema = ModelConfig if group == "model" else LOSS_SCHEMAS.get(str(saved.get("name")), SFTLossConfig)
                 cfg[group] = OmegaConf.merge(OmegaConf.structured(schema), saved)
             else:
                 cfg[group] = _load_group(group, groups[group])
@@ -220,7 +232,7 @@ def parse_args(args: list[str], base: Optional[dict] = None) -> DictConfig:
         cfg = OmegaConf.merge(cfg, overrides)
     except omegaconf.errors.OmegaConfBaseException as err:
         raise ConfigError(_explain(err, groups)) from None
-    return cfg
+    return cast(DictConfig, cfg)
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
@@ -228,9 +240,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     for key in missing:
         if key == "loss.beta":
-            raise ConfigError(f"config key 'loss.beta' is required for loss={cfg.loss.name} (for example loss.beta=0.1)")
+            raise ConfigError(
+                f"config key 'loss.beta' is required for loss={cfg.loss.name} (for example loss.beta=0.1)"
+            )
         if key == "model.name_or_path":
-            raise ConfigError("config key 'model.name_or_path' is required for this model config (a hub name or a local directory)")
+            raise ConfigError(
+                "config key 'model.name_or_path' is required for this model config (a hub name or a local directory)"
+            )
         raise ConfigError(f"config key '{key}' is required but has no value")
 
     def positive(key: str, allow_zero: bool = False) -> None:
@@ -238,9 +254,21 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
             raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
-    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length",
-                "eval_every", "n_eval_examples", "n_epochs", "n_examples", "lr", "max_grad_norm",
-                "checkpoint.keep_last", "checkpoint.keep_best"):
+    for key in (
+        "batch_size",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+        "max_length",
+        "max_prompt_length",
+        "eval_every",
+        "n_eval_examples",
+        "n_epochs",
+        "n_examples",
+        "lr",
+        "max_grad_norm",
+        "checkpoint.keep_last",
+        "checkpoint.keep_best",
+    ):
         positive(key)
     for key in ("warmup_steps", "n_eval_model_samples", "minimum_log_interval_secs"):
         positive(key, allow_zero=True)
@@ -249,26 +277,37 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         what = "gradient_accumulation_steps" + (f" * world size ({world_size})" if world_size > 1 else "")
         raise ConfigError(
             f"config key 'batch_size' ({cfg.batch_size}) must be divisible by {what} "
-            f"({cfg.gradient_accumulation_steps * world_size})")
+            f"({cfg.gradient_accumulation_steps * world_size})"
+        )
     if cfg.eval_batch_size % world_size != 0:
-        raise ConfigError(f"config key 'eval_batch_size' ({cfg.eval_batch_size}) must be divisible by the world size ({world_size})")
+        raise ConfigError(
+            f"config key 'eval_batch_size' ({cfg.eval_batch_size}) must be divisible by the world size ({world_size})"
+        )
     if cfg.max_prompt_length >= cfg.max_length:
-        raise ConfigError(f"config key 'max_prompt_length' ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length})")
+        raise ConfigError(
+            f"config key 'max_prompt_length' ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length})"
+        )
     if cfg.n_epochs is None and cfg.n_examples is None:
         raise ConfigError("config keys 'n_epochs' and 'n_examples' are both null; set at least one")
     if not cfg.datasets:
         raise ConfigError("config key 'datasets' is empty; name at least one dataset")
     if cfg.trainer not in TRAINERS:
-        raise ConfigError(f"config key 'trainer' is '{cfg.trainer}', which this version does not provide; use one of: {', '.join(TRAINERS)}")
+        raise ConfigError(
+            f"config key 'trainer' is '{cfg.trainer}', which this version does not provide; use one of: {', '.join(TRAINERS)}"
+        )
 
     import torch  # late: keep `--help` and config errors fast
 
     if not isinstance(getattr(torch.optim, cfg.optimizer, None), type):
-        raise ConfigError(f"config key 'optimizer' is '{cfg.optimizer}', which is not a torch.optim optimizer (e.g. RMSprop, AdamW, SGD)")
+        raise ConfigError(
+            f"config key 'optimizer' is '{cfg.optimizer}', which is not a torch.optim optimizer (e.g. RMSprop, AdamW, SGD)"
+        )
     for key in ("model.policy_dtype", "model.reference_dtype", "model.fsdp_policy_mp"):
         name = OmegaConf.select(cfg, key)
         if name is not None and not isinstance(getattr(torch, name, None), torch.dtype):
-            raise ConfigError(f"config key '{key}' is '{name}', which is not a torch dtype (e.g. float32, bfloat16, float16)")
+            raise ConfigError(
+                f"config key '{key}' is '{name}', which is not a torch dtype (e.g. float32, bfloat16, float16)"
+            )
 
     if cfg.loss.name in PREFERENCE_LOSSES and cfg.loss.beta <= 0:
         raise ConfigError(f"config key 'loss.beta' must be > 0, got {cfg.loss.beta}")
@@ -277,20 +316,26 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if cfg.checkpoint.best_mode not in ("min", "max"):
         raise ConfigError(f"config key 'checkpoint.best_mode' must be 'min' or 'max', got '{cfg.checkpoint.best_mode}'")
     if cfg.checkpoint.on_error not in ("raise", "warn"):
-        raise ConfigError(f"config key 'checkpoint.on_error' must be 'raise' or 'warn', got '{cfg.checkpoint.on_error}'")
+        raise ConfigError(
+            f"config key 'checkpoint.on_error' must be 'raise' or 'warn', got '{cfg.checkpoint.on_error}'"
+        )
     if cfg.wandb.enabled:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ConfigError("config key 'wandb.enabled' is true but the wandb package is not installed (pip install wandb)") from None
+            raise ConfigError(
+                "config key 'wandb.enabled' is true but the wandb package is not installed (pip install wandb)"
+            ) from None
 
 
 def round_eval_every(cfg: DictConfig) -> None:
     """The reference's rule: eval_every counts examples and is rounded down to whole batches."""
     if cfg.eval_every % cfg.batch_size != 0:
         rounded = max(cfg.batch_size, cfg.eval_every - cfg.eval_every % cfg.batch_size)
-        warnings.warn(f"eval_every ({cfg.eval_every}) is not a multiple of batch_size ({cfg.batch_size}); using {rounded}",
-                      stacklevel=2)
+        warnings.warn(
+            f"eval_every ({cfg.eval_every}) is not a multiple of batch_size ({cfg.batch_size}); using {rounded}",
+            stacklevel=2,
+        )
         cfg.eval_every = rounded
 
 
@@ -335,15 +380,13 @@ def _schema_lines(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(schema):
         key = prefix + f.name
         help_text = f.metadata.get("help", "")
-        if dataclasses.is_dataclass(f.type) or (f.default_factory is not dataclasses.MISSING
-                                                and dataclasses.is_dataclass(f.default_factory())):
+        if dataclasses.is_dataclass(f.type) or (
+            f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())
+        ):
             sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.type
             rows.extend(_schema_lines(type(sub), key + "."))
             continue
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = f.default
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if default is MISSING:
             shown = "required"
         elif f.name in GROUPS and not prefix:

@@ -14,10 +14,11 @@ import html.parser
 import itertools
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,14 +71,22 @@ def read_hh_file(path: Path) -> Iterator[tuple[str, str, str]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
-                    raise DataError(f"{path}, line {lineno}: expected an object with string fields 'chosen' and 'rejected'")
+                    raise DataError(
+                        f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                    ) from None
+                if (
+                    not isinstance(row, dict)
+                    or not isinstance(row.get("chosen"), str)
+                    or not isinstance(row.get("rejected"), str)
+                ):
+                    raise DataError(
+                        f"{path}, line {lineno}: expected an object with string fields 'chosen' and 'rejected'"
+                    )
                 try:
                     prompt = extract_anthropic_prompt(row["chosen"])
                 except ValueError as err:
                     raise DataError(f"{path}, line {lineno}: 'chosen' has {err}") from None
-                yield prompt, row["chosen"][len(prompt):], row["rejected"][len(prompt):]
+                yield prompt, row["chosen"][len(prompt) :], row["rejected"][len(prompt) :]
     except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as err:
         raise DataError(f"{path}: cannot read the file ({err})") from None
 
@@ -116,15 +125,17 @@ def get_hh_local(path: str, split: str) -> PromptTable:
     raise DataError(f"dataset path {root} does not exist")
 
 
-def get_hh_hub(split: str, cache_dir: Optional[str]) -> PromptTable:
+def get_hh_hub(split: str, cache_dir: str | None) -> PromptTable:
     import datasets
 
     try:
         rows = datasets.load_dataset(HH_HUB_NAME, split=split, cache_dir=cache_dir)
     except Exception as err:  # the datasets library raises many types for "not reachable"
-        raise DataError(f"cannot load dataset 'hh' ({HH_HUB_NAME}, split {split}) from the hub: "
-                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
-                        f"for a local copy use datasets=[hh:PATH]") from None
+        raise DataError(
+            f"cannot load dataset 'hh' ({HH_HUB_NAME}, split {split}) from the hub: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+            f"for a local copy use datasets=[hh:PATH]"
+        ) from None
 
     def split_rows():
         for i, row in enumerate(rows):
@@ -132,7 +143,7 @@ def get_hh_hub(split: str, cache_dir: Optional[str]) -> PromptTable:
                 prompt = extract_anthropic_prompt(row["chosen"])
             except ValueError as err:
                 raise DataError(f"{HH_HUB_NAME} {split} row {i}: 'chosen' has {err}") from None
-            yield prompt, row["chosen"][len(prompt):], row["rejected"][len(prompt):]
+            yield prompt, row["chosen"][len(prompt) :], row["rejected"][len(prompt) :]
 
     return hh_table(split_rows())
 
@@ -145,7 +156,7 @@ def get_hh_sample(split: str) -> PromptTable:
 # SHP and StackExchange (hub only), with the reference's rules
 
 
-def get_shp(split: str, cache_dir: Optional[str]) -> PromptTable:
+def get_shp(split: str, cache_dir: str | None) -> PromptTable:
     """Stanford Human Preferences; keeps pairs whose score ratio is at least 2."""
     rows = _load_hub("shp", "stanfordnlp/SHP", split, cache_dir)
     data: PromptTable = {}
@@ -196,7 +207,7 @@ def strip_html(text: str) -> str:
     return "\n\n".join(p for p in parser.parts if p)
 
 
-def get_se(split: str, cache_dir: Optional[str]) -> PromptTable:
+def get_se(split: str, cache_dir: str | None) -> PromptTable:
     """StackExchange preferences; 1% (seeded shuffle) is the test split; pairs ordered by score."""
     rows = _load_hub("se", "HuggingFaceH4/stack-exchange-preferences", "train", cache_dir)
     rows = rows.shuffle(seed=42)
@@ -207,24 +218,29 @@ def get_se(split: str, cache_dir: Optional[str]) -> PromptTable:
         prompt = "\n\nHuman: " + strip_html(row["question"]) + ASSISTANT
         responses = [" " + strip_html(a["text"]) for a in row["answers"]]
         scores = [a["pm_score"] for a in row["answers"]]
-        pairs = [(i, j) if scores[i] > scores[j] else (j, i)
-                 for i in range(len(responses)) for j in range(i + 1, len(responses))]
+        pairs = [
+            (i, j) if scores[i] > scores[j] else (j, i)
+            for i in range(len(responses))
+            for j in range(i + 1, len(responses))
+        ]
         best = max(range(len(responses)), key=lambda i: scores[i])
         data[prompt] = {"responses": responses, "pairs": pairs, "sft_target": responses[best]}
     return data
 
 
-def _load_hub(name: str, hub_name: str, split: str, cache_dir: Optional[str]):
+def _load_hub(name: str, hub_name: str, split: str, cache_dir: str | None):
     import datasets
 
     try:
         return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
     except Exception as err:
-        raise DataError(f"cannot load dataset '{name}' ({hub_name}, split {split}) from the hub: "
-                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        raise DataError(
+            f"cannot load dataset '{name}' ({hub_name}, split {split}) from the hub: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
 
 
-def get_dataset(name: str, split: str, cache_dir: Optional[str] = None) -> PromptTable:
+def get_dataset(name: str, split: str, cache_dir: str | None = None) -> PromptTable:
     """Load one dataset by name: hh, shp, se, hh_sample, or hh:PATH (local HH-format data)."""
     if name.startswith("hh:"):
         return get_hh_local(name[3:], split)
@@ -235,12 +251,14 @@ def get_dataset(name: str, split: str, cache_dir: Optional[str] = None) -> Promp
         "se": lambda: get_se(split, cache_dir),
     }
     if name not in loaders:
-        raise DataError(f"unknown dataset '{name}' in config key 'datasets'; "
-                        f"known: {', '.join(loaders)}, or hh:PATH for a local HH-format file or directory")
+        raise DataError(
+            f"unknown dataset '{name}' in config key 'datasets'; "
+            f"known: {', '.join(loaders)}, or hh:PATH for a local HH-format file or directory"
+        )
     return loaders[name]()
 
 
-def load_examples(names: list[str], split: str, cache_dir: Optional[str] = None) -> list[Example]:
+def load_examples(names: list[str], split: str, cache_dir: str | None = None) -> list[Example]:
     examples = []
     for name in names:
         mode = "keep_end" if name.startswith("hh") else "keep_start"  # hh, hh:PATH, hh_sample
@@ -260,8 +278,16 @@ def _tokens(tokenizer, text: str, what: str, source: str) -> list[int]:
     return ids
 
 
-def tokenize_element(prompt: str, chosen: str, rejected: str, truncation_mode: str, tokenizer,
-                     max_length: int, max_prompt_length: int, source: str = "?") -> dict:
+def tokenize_element(
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    truncation_mode: str,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    source: str = "?",
+) -> dict:
     """Token ids, attention masks and labels for one (prompt, chosen, rejected) triple.
 
     EOS is appended to each response. If prompt + the longer response exceeds max_length, the
@@ -284,9 +310,15 @@ def tokenize_element(prompt: str, chosen: str, rejected: str, truncation_mode: s
         chosen_ids = chosen_ids[: max_length - max_prompt_length]
         rejected_ids = rejected_ids[: max_length - max_prompt_length]
 
-    element = {"prompt": prompt, "chosen": prompt + chosen, "rejected": prompt + rejected,
-               "chosen_response_only": chosen, "rejected_response_only": rejected,
-               "prompt_input_ids": prompt_ids, "prompt_attention_mask": [1] * len(prompt_ids)}
+    element = {
+        "prompt": prompt,
+        "chosen": prompt + chosen,
+        "rejected": prompt + rejected,
+        "chosen_response_only": chosen,
+        "rejected_response_only": rejected,
+        "prompt_input_ids": prompt_ids,
+        "prompt_attention_mask": [1] * len(prompt_ids),
+    }
     for name, response_ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
         ids = prompt_ids + response_ids
         element[f"{name}_input_ids"] = ids
@@ -297,7 +329,7 @@ def tokenize_element(prompt: str, chosen: str, rejected: str, truncation_mode: s
 
 def collate(elements: list[dict], pad_token_id: int) -> dict:
     """Pad token fields into tensors (prompts on the left, sequences on the right); keep strings."""
-    batch = {}
+    batch: dict[str, Any] = {}
     for key in elements[0]:
         if not key.endswith(("_input_ids", "_attention_mask", "_labels")):
             batch[key] = [e[key] for e in elements]
@@ -322,17 +354,31 @@ class BatchIterator:
     `skip_batches` starts the stream after that many batches (exact resume).
     """
 
-    def __init__(self, examples: list[Example], tokenizer, *, batch_size: int, max_length: int,
-                 max_prompt_length: int, sft_mode: bool, seed: int = 0, shuffle: bool = True,
-                 n_epochs: Optional[int] = None, n_examples: Optional[int] = None, skip_batches: int = 0,
-                 split: str = "train") -> None:
+    def __init__(
+        self,
+        examples: list[Example],
+        tokenizer,
+        *,
+        batch_size: int,
+        max_length: int,
+        max_prompt_length: int,
+        sft_mode: bool,
+        seed: int = 0,
+        shuffle: bool = True,
+        n_epochs: int | None = None,
+        n_examples: int | None = None,
+        skip_batches: int = 0,
+        split: str = "train",
+    ) -> None:
         if n_epochs is None and n_examples is None:
             raise ValueError("give n_epochs or n_examples")
         n_items = sum(1 if sft_mode else len(e.pairs) for e in examples)
         if n_items < batch_size:
             names = sorted({e.source for e in examples}) or ["(none)"]
-            raise DataError(f"dataset(s) {', '.join(names)} have {n_items} examples in the {split} split, "
-                            f"fewer than one batch of {batch_size}")
+            raise DataError(
+                f"dataset(s) {', '.join(names)} have {n_items} examples in the {split} split, "
+                f"fewer than one batch of {batch_size}"
+            )
         self.examples, self.tokenizer = examples, tokenizer
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.sft_mode, self.seed, self.shuffle = sft_mode, seed, shuffle
@@ -351,7 +397,11 @@ class BatchIterator:
             batch = []
             for idx in self._order(epoch):
                 ex = self.examples[idx]
-                items = [(ex.sft_target, ex.sft_target)] if self.sft_mode else [(ex.responses[a], ex.responses[b]) for a, b in ex.pairs]
+                items = (
+                    [(ex.sft_target, ex.sft_target)]
+                    if self.sft_mode
+                    else [(ex.responses[a], ex.responses[b]) for a, b in ex.pairs]
+                )
                 for chosen, rejected in items:
                     batch.append((ex, chosen, rejected))
                     seen += 1
@@ -363,9 +413,19 @@ class BatchIterator:
 
     def __iter__(self) -> Iterator[dict]:
         for raw in itertools.islice(self._raw_batches(), self.skip_batches, None):
-            elements = [tokenize_element(ex.prompt, chosen, rejected, ex.truncation_mode, self.tokenizer,
-                                         self.max_length, self.max_prompt_length, ex.source)
-                        for ex, chosen, rejected in raw]
+            elements = [
+                tokenize_element(
+                    ex.prompt,
+                    chosen,
+                    rejected,
+                    ex.truncation_mode,
+                    self.tokenizer,
+                    self.max_length,
+                    self.max_prompt_length,
+                    ex.source,
+                )
+                for ex, chosen, rejected in raw
+            ]
             if self.sft_mode:
                 elements = [{k: v for k, v in e.items() if "rejected" not in k} for e in elements]
             yield collate(elements, self.tokenizer.pad_token_id)

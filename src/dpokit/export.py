@@ -6,7 +6,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -14,7 +13,7 @@ from dpokit.checkpoint import fsync_dir, load_payload, read_manifest, resolve_ar
 from dpokit.errors import DpokitError
 
 
-def base_model_of(policy_path: Path) -> tuple[str, Optional[str]]:
+def base_model_of(policy_path: Path) -> tuple[str, str | None]:
     """(model.name_or_path, model.tokenizer_name_or_path) of the run that wrote the checkpoint:
     from the checkpoint's manifest, else the run's config.yaml beside the checkpoint directory."""
     ckpt_dir = policy_path.parent
@@ -23,15 +22,17 @@ def base_model_of(policy_path: Path) -> tuple[str, Optional[str]]:
     if not model:
         config_yaml = ckpt_dir.parent / "config.yaml"
         if not config_yaml.is_file():
-            raise DpokitError(f"cannot tell the base model of {policy_path}: no manifest config and no {config_yaml}; "
-                              f"pass --model NAME_OR_PATH")
+            raise DpokitError(
+                f"cannot tell the base model of {policy_path}: no manifest config and no {config_yaml}; "
+                f"pass --model NAME_OR_PATH"
+            )
         model = OmegaConf.to_container(OmegaConf.load(config_yaml)).get("model") or {}
     if not model.get("name_or_path"):
         raise DpokitError(f"the run config of {policy_path} names no model.name_or_path; pass --model NAME_OR_PATH")
     return model["name_or_path"], model.get("tokenizer_name_or_path")
 
 
-def export_hf(ckpt: Path, out_dir: Path, model_name: Optional[str] = None, force: bool = False) -> Path:
+def export_hf(ckpt: Path, out_dir: Path, model_name: str | None = None, force: bool = False) -> Path:
     """Build the base model, load the policy weights into it and save_pretrained (safetensors).
 
     Written into a staging directory beside out_dir and renamed into place, so out_dir is either

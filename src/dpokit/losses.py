@@ -35,8 +35,7 @@ def preference_loss(
     else:
         # DPO, eq. 7 of Rafailov et al. (arXiv:2305.18290); label_smoothing > 0 is conservative
         # DPO, which assumes a fraction label_smoothing of the preferences are flipped.
-        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * logits) * label_smoothing)
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
 
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
@@ -83,8 +82,11 @@ def concatenated_inputs(batch: dict) -> dict[str, torch.Tensor]:
     out = {}
     for field in ("input_ids", "attention_mask", "labels"):
         pad = -100 if field == "labels" else 0
-        out[f"concatenated_{field}"] = torch.cat([
-            pad_to_length(batch[f"chosen_{field}"], max_len, pad),
-            pad_to_length(batch[f"rejected_{field}"], max_len, pad),
-        ], dim=0)
+        out[f"concatenated_{field}"] = torch.cat(
+            [
+                pad_to_length(batch[f"chosen_{field}"], max_len, pad),
+                pad_to_length(batch[f"rejected_{field}"], max_len, pad),
+            ],
+            dim=0,
+        )
     return out

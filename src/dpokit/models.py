@@ -8,7 +8,6 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 import torch
 import transformers
@@ -17,7 +16,12 @@ from dpokit.checkpoint import load_payload, resolve_archive
 from dpokit.errors import CheckpointError, DpokitError
 
 BUNDLED_MODELS = {"tiny": "assets/tiny"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -32,13 +36,15 @@ def _has_weights(path: str) -> bool:
     return any((Path(path) / f).exists() for f in WEIGHT_FILES)
 
 
-def load_tokenizer(name_or_path: str, cache_dir: Optional[str] = None):
+def load_tokenizer(name_or_path: str, cache_dir: str | None = None):
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
     except (OSError, ValueError) as err:
-        raise DpokitError(f"cannot load tokenizer '{name_or_path}' (model.tokenizer_name_or_path / model.name_or_path): "
-                          f"{str(err).splitlines()[0]}") from None
+        raise DpokitError(
+            f"cannot load tokenizer '{name_or_path}' (model.tokenizer_name_or_path / model.name_or_path): "
+            f"{str(err).splitlines()[0]}"
+        ) from None
     if tokenizer.eos_token_id is None:
         raise DpokitError(f"tokenizer '{name_or_path}' has no EOS token, which responses need")
     if tokenizer.pad_token_id is None:
@@ -46,7 +52,9 @@ def load_tokenizer(name_or_path: str, cache_dir: Optional[str] = None):
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str = "float32", cache_dir: Optional[str] = None, seed: int = 0) -> torch.nn.Module:
+def load_model(
+    name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, seed: int = 0
+) -> torch.nn.Module:
     """A causal LM from a hub name or a local directory.
 
     A directory with a config but no weights (the bundled tiny model) is built from its config
@@ -64,7 +72,9 @@ def load_model(name_or_path: str, dtype: str = "float32", cache_dir: Optional[st
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir, dtype=torch_dtype)
     except (OSError, ValueError) as err:
-        raise DpokitError(f"cannot load model '{name_or_path}' (model.name_or_path): {str(err).splitlines()[0]}") from None
+        raise DpokitError(
+            f"cannot load model '{name_or_path}' (model.name_or_path): {str(err).splitlines()[0]}"
+        ) from None
     disable_dropout(model)
     return model
 
@@ -88,15 +98,20 @@ def check_state_dict_fits(model: torch.nn.Module, state: dict, source: str) -> N
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)]
+    shapes = [
+        k
+        for k in expected
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
     if not (missing or unexpected or shapes):
         return
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("with a different shape", shapes)):
         if keys:
             parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-    raise CheckpointError(f"{source} does not fit model {type(model).__name__}: {len(expected)} keys expected, "
-                          + "; ".join(parts))
+    raise CheckpointError(
+        f"{source} does not fit model {type(model).__name__}: {len(expected)} keys expected, " + "; ".join(parts)
+    )
 
 
 def load_archive(archive: str, models: list[torch.nn.Module], log=print) -> dict:
@@ -106,8 +121,10 @@ def load_archive(archive: str, models: list[torch.nn.Module], log=print) -> dict
     state = payload["state"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state dict under 'state'")
-    log(f"loading pre-trained weights at step {payload['step_idx']} from {path} with metrics "
-        f"{json.dumps(payload.get('metrics', {}), indent=2, default=str)}")
+    log(
+        f"loading pre-trained weights at step {payload['step_idx']} from {path} with metrics "
+        f"{json.dumps(payload.get('metrics', {}), indent=2, default=str)}"
+    )
     for model in models:
         check_state_dict_fits(model, state, str(path))
         model.load_state_dict(state)

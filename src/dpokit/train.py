@@ -13,7 +13,6 @@ import socket
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,9 +22,20 @@ from dpokit.errors import CheckpointError, ConfigError
 
 # Changing any of these changes the training trajectory, so resuming with a different value is
 # refused unless resume_force=true.
-RESUME_MUST_MATCH = ("model.name_or_path", "model.tokenizer_name_or_path", "model.archive", "model.policy_dtype",
-                     "loss", "batch_size", "gradient_accumulation_steps", "datasets", "seed", "optimizer",
-                     "max_length", "max_prompt_length")
+RESUME_MUST_MATCH = (
+    "model.name_or_path",
+    "model.tokenizer_name_or_path",
+    "model.archive",
+    "model.policy_dtype",
+    "loss",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "datasets",
+    "seed",
+    "optimizer",
+    "max_length",
+    "max_prompt_length",
+)
 
 
 def find_resume_checkpoint(path: str) -> Path:
@@ -56,7 +66,7 @@ def saved_run_config(ckpt_dir: Path) -> dict:
     raise CheckpointError(f"cannot resume from {ckpt_dir}: no manifest config and no {config_yaml}")
 
 
-def build_config(argv: list[str]) -> tuple[DictConfig, Optional[Path]]:
+def build_config(argv: list[str]) -> tuple[DictConfig, Path | None]:
     """Parse and validate; with resume=..., the saved run's config is the base."""
     cfg = parse_args(argv)
     if cfg.resume is None:
@@ -65,20 +75,29 @@ def build_config(argv: list[str]) -> tuple[DictConfig, Optional[Path]]:
     saved = saved_run_config(ckpt_dir)
     cfg = parse_args(argv, base=saved)
     if not cfg.resume_force:
-        differing = [key for key in RESUME_MUST_MATCH
-                     if _plain(OmegaConf.select(cfg, key)) != _plain(OmegaConf.select(OmegaConf.create(saved), key))]
+        differing = [
+            key
+            for key in RESUME_MUST_MATCH
+            if _plain(OmegaConf.select(cfg, key)) != _plain(OmegaConf.select(OmegaConf.create(saved), key))
+        ]
         if differing:
-            raise ConfigError(f"cannot resume from {ckpt_dir}: config keys {', '.join(differing)} differ from the saved run "
-                              f"(pass resume_force=true to resume anyway)")
+            raise ConfigError(
+                f"cannot resume from {ckpt_dir}: config keys {', '.join(differing)} differ from the saved run "
+                f"(pass resume_force=true to resume anyway)"
+            )
     cfg.local_run_dir = str(ckpt_dir.parent)
     return cfg, ckpt_dir
 
 
 def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) or OmegaConf.is_list(value) else value
+    return (
+        OmegaConf.to_container(value, resolve=True)
+        if isinstance(value, DictConfig) or OmegaConf.is_list(value)
+        else value
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     """Run one training job; returns a summary (run directory, checkpoints, final metrics)."""
     from dpokit.data import cache_dir_for
     from dpokit.models import copy_as_reference, load_archive, load_model, load_tokenizer
@@ -116,11 +135,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     trainer.save_or_warn(None, trainer.final_metrics)
 
     checkpoints = sorted(p.name for p in Path(run_dir).iterdir() if p.name == "LATEST" or p.name.startswith("step-"))
-    summary = {"run_dir": os.path.abspath(run_dir), "checkpoints": checkpoints,
-               "latest_policy": os.path.abspath(os.path.join(run_dir, "LATEST", "policy.pt")),
-               "final_metrics": trainer.final_metrics, "failed_saves": trainer.failed_saves}
-    print(f"done: run directory {summary['run_dir']}\n      checkpoints: {', '.join(checkpoints)}\n"
-          f"      final eval: {json.dumps({k: round(v, 4) for k, v in trainer.final_metrics.items()})}", flush=True)
+    summary = {
+        "run_dir": os.path.abspath(run_dir),
+        "checkpoints": checkpoints,
+        "latest_policy": os.path.abspath(os.path.join(run_dir, "LATEST", "policy.pt")),
+        "final_metrics": trainer.final_metrics,
+        "failed_saves": trainer.failed_saves,
+    }
+    print(
+        f"done: run directory {summary['run_dir']}\n      checkpoints: {', '.join(checkpoints)}\n"
+        f"      final eval: {json.dumps({k: round(v, 4) for k, v in trainer.final_metrics.items()})}",
+        flush=True,
+    )
     if trainer.failed_saves:
         print(f"WARNING: {len(trainer.failed_saves)} checkpoint save(s) failed; see the warnings above", flush=True)
     return summary
