@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dpokit.checkpoint import CheckpointStore
+from dpokit.checkpoint import CONTRACT_FILES, CheckpointWriter, Storage
 from dpokit.models import load_model
 
 
@@ -35,16 +35,19 @@ def tiny_training_state() -> tuple[dict, dict, dict]:
 def plain_save(run_dir: Path, states: tuple) -> None:
     out = run_dir / "LATEST"
     out.mkdir(parents=True, exist_ok=True)
-    for name, state in zip(("policy.pt", "optimizer.pt", "scheduler.pt"), states, strict=False):
+    for name, state in zip(CONTRACT_FILES, states, strict=True):
         torch.save({"step_idx": 1, "state": state, "metrics": {}}, out / name)
 
 
 def store_save(run_dir: Path, states: tuple, fsync: bool) -> None:
-    store = CheckpointStore(run_dir, fsync=fsync)
-    staging = store.begin()
-    for name, state in zip(("policy.pt", "optimizer.pt", "scheduler.pt"), states, strict=False):
-        store.write(staging, name, 1, state, {})
-    store.publish(staging, "LATEST", 1, {})
+    """What the Checkpointer does for one save: stage, write each file, manifest last, publish."""
+    storage = Storage(run_dir, fsync=fsync)
+    staging = storage.stage()
+    writer = CheckpointWriter(staging, fsync)
+    for name, state in zip(CONTRACT_FILES, states, strict=True):
+        writer.write(name, 1, state, {})
+    writer.seal(1, {}, None)
+    storage.commit(staging, "LATEST")
 
 
 def main() -> None:

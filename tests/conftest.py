@@ -52,3 +52,49 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 
 def metrics_log(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+class Store:
+    """The checkpoint components (storage, writer, retention) driven the way the Checkpointer
+    drives them, without a model or optimizer: for tests that build checkpoint directories."""
+
+    def __init__(
+        self,
+        run_dir,
+        fsync=True,
+        config=None,
+        keep_last=None,
+        keep_best=None,
+        best_metric="loss/eval",
+        best_mode="min",
+        log=print,
+    ):
+        from dpokit.checkpoint import RetentionPolicy, Storage
+
+        self.storage = Storage(run_dir, fsync)
+        self.config, self.log = config, log
+        self.retention = RetentionPolicy(keep_last, keep_best, best_metric, best_mode)
+
+    def publish(self, name, step, metrics, states, parent=None) -> Path:
+        """A complete checkpoint directory (contract files, manifest last), published as `name`."""
+        from dpokit.checkpoint import CheckpointWriter
+
+        staging = self.storage.stage(parent)
+        writer = CheckpointWriter(staging, self.storage.fsync)
+        for filename, state in states.items():
+            writer.write(filename, step, state, metrics)
+        writer.seal(step, metrics, self.config)
+        return self.storage.commit(staging, name, parent)
+
+    def write(self, directory, filename, step, state, metrics) -> Path:
+        from dpokit.checkpoint import rewrite_file
+
+        return rewrite_file(self.storage, Path(directory), filename, step, state, metrics, self.config)
+
+    def sweep(self) -> list[str]:
+        return self.storage.sweep()
+
+    def after_publish(self) -> None:
+        from dpokit.checkpoint import apply_retention
+
+        apply_retention(self.storage, self.retention, self.log)

@@ -1,7 +1,7 @@
 """The checkpoint store (dpokit.checkpoint): the reference's three-file contract, manifests,
 crash-safe publishing, verification, sweeping leftovers, retention and safe loading.
 
-No training here: checkpoint directories are built directly with CheckpointStore, or with plain
+No training here: checkpoint directories are built directly with the checkpoint components, or with plain
 torch.save for directories "written by the reference" (three files, no manifest)."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import pytest
 import torch
 import xxhash
 
+from conftest import Store
 from dpokit.checkpoint import (
     CONTRACT_FILES,
-    CheckpointStore,
     atomic_write,
     best_of,
     load_payload,
-    resolve_archive,
+    locate,
     select_retained,
     verify_dir,
 )
@@ -59,13 +59,8 @@ SMALL = {
 }
 
 
-def publish(
-    store: CheckpointStore, name: str, step: int, metrics: dict | None, states: dict, parent: Path | None = None
-) -> Path:
-    staging = store.begin(parent)
-    for filename in CONTRACT_FILES:
-        store.write(staging, filename, step, states[filename], metrics)
-    return store.publish(staging, name, step, metrics, parent=parent)
+def publish(store: Store, name: str, step: int, metrics: dict | None, states: dict, parent: Path | None = None) -> Path:
+    return store.publish(name, step, metrics, {f: states[f] for f in CONTRACT_FILES}, parent)
 
 
 def write_reference(
@@ -98,7 +93,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 def test_published_dir_has_contract_files_and_matching_manifest(tmp_path, states):
-    store = CheckpointStore(tmp_path / "run", config={"model": {"name_or_path": "tiny"}})
+    store = Store(tmp_path / "run", config={"model": {"name_or_path": "tiny"}})
     metrics = {"loss/eval": 0.69, "rewards_eval/accuracies": 0.5}
     target = publish(store, "step-64", 64, metrics, states)
 
@@ -134,7 +129,7 @@ def test_published_dir_has_contract_files_and_matching_manifest(tmp_path, states
 
 
 def test_metrics_none_is_stored_as_empty_dict(tmp_path):
-    store = CheckpointStore(tmp_path / "run", fsync=False)
+    store = Store(tmp_path / "run", fsync=False)
     target = publish(store, "LATEST", 3, None, SMALL)
     for filename in CONTRACT_FILES:
         assert torch.load(target / filename, weights_only=True)["metrics"] == {}
@@ -142,7 +137,7 @@ def test_metrics_none_is_stored_as_empty_dict(tmp_path):
 
 def test_latest_is_a_symlink_swapped_on_each_publish(tmp_path, states):
     run = tmp_path / "run"
-    store = CheckpointStore(run)
+    store = Store(run)
     publish(store, "LATEST", 10, {"loss/eval": 1.0}, SMALL)
     latest = run / "LATEST"
     assert latest.is_symlink()
@@ -167,7 +162,7 @@ def test_plain_reference_latest_directory_is_replaced(tmp_path, states):
     run = tmp_path / "run"
     write_reference(run / "LATEST", 5, SMALL)
     (run / "LATEST" / "notes.txt").write_text("from the reference")
-    store = CheckpointStore(run)
+    store = Store(run)
     publish(store, "LATEST", 40, {"loss/eval": 0.25}, states)
 
     latest = run / "LATEST"
@@ -182,7 +177,7 @@ def test_plain_reference_latest_directory_is_replaced(tmp_path, states):
 
 def test_publishing_an_existing_step_dir_replaces_it_whole(tmp_path, states):
     run = tmp_path / "run"
-    store = CheckpointStore(run)
+    store = Store(run)
     old = publish(store, "step-8", 8, {"loss/eval": 2.0}, SMALL)
     (old / "stale.bin").write_bytes(b"from the first save")
     new = publish(store, "step-8", 8, {"loss/eval": 1.0}, states)
@@ -196,7 +191,7 @@ def test_publishing_an_existing_step_dir_replaces_it_whole(tmp_path, states):
 
 
 def test_publish_into_other_parent(tmp_path):
-    store = CheckpointStore(tmp_path / "run", fsync=False)
+    store = Store(tmp_path / "run", fsync=False)
     target = publish(store, "export-ckpt", 7, {}, SMALL, parent=tmp_path / "elsewhere")
     assert target == tmp_path / "elsewhere" / "export-ckpt"
     assert verify_dir(target) is None
@@ -205,7 +200,7 @@ def test_publish_into_other_parent(tmp_path):
 
 def test_write_into_published_dir_is_copy_on_write(tmp_path, states):
     run = tmp_path / "run"
-    store = CheckpointStore(run)
+    store = Store(run)
     target = publish(store, "step-16", 16, {"loss/eval": 0.7}, states)
     before = json.loads((target / "manifest.json").read_text())["files"]
     policy_bytes = (target / "policy.pt").read_bytes()
@@ -229,7 +224,7 @@ def test_write_into_published_dir_is_copy_on_write(tmp_path, states):
 
 def test_write_into_latest_and_reference_dirs(tmp_path):
     run = tmp_path / "run"
-    store = CheckpointStore(run, fsync=False)
+    store = Store(run, fsync=False)
     publish(store, "LATEST", 4, {}, SMALL)
     store.write(run / "LATEST", "trainer_state.pt", 4, {"example_counter": 4}, {})
     latest = run / "LATEST"
@@ -255,7 +250,7 @@ def test_write_into_latest_and_reference_dirs(tmp_path):
 @pytest.fixture(scope="module")
 def good_dirs(tmp_path_factory, states):
     base = tmp_path_factory.mktemp("good")
-    ours = publish(CheckpointStore(base / "run"), "step-32", 32, {"loss/eval": 0.6}, states)
+    ours = publish(Store(base / "run"), "step-32", 32, {"loss/eval": 0.6}, states)
     ref = write_reference(base / "ref" / "LATEST", 32, states, {"loss/eval": 0.6})
     return ours, ref
 
@@ -344,7 +339,7 @@ def test_verify_reference_without_policy(tmp_path):
 
 def test_sweep_removes_leftovers_and_keeps_checkpoints(tmp_path):
     run = tmp_path / "run"
-    store = CheckpointStore(run, fsync=False)
+    store = Store(run, fsync=False)
     publish(store, "step-10", 10, {}, SMALL)
     publish(store, "LATEST", 10, {}, SMALL)
     live = os.readlink(run / "LATEST")
@@ -370,10 +365,10 @@ def test_sweep_removes_leftovers_and_keeps_checkpoints(tmp_path):
 
 def test_sweep_with_plain_latest_and_missing_run_dir(tmp_path):
     run = tmp_path / "run"
-    assert CheckpointStore(run).sweep() == []
+    assert Store(run).sweep() == []
     write_reference(run / "LATEST", 3, SMALL)
     (run / ".LATEST-0123456789ab").mkdir()
-    assert CheckpointStore(run).sweep() == [".LATEST-0123456789ab"]
+    assert Store(run).sweep() == [".LATEST-0123456789ab"]
     assert sorted(p.name for p in run.iterdir()) == ["LATEST"]
     assert verify_dir(run / "LATEST") is None
 
@@ -443,7 +438,7 @@ def test_best_of():
 def test_keep_last_on_disk(tmp_path):
     run = tmp_path / "run"
     log: list[str] = []
-    store = CheckpointStore(run, fsync=False, keep_last=2, log=log.append)
+    store = Store(run, fsync=False, keep_last=2, log=log.append)
     for step in (10, 20, 30, 40):
         publish(store, f"step-{step}", step, {"loss/train": 1.0 / step}, SMALL)
         publish(store, "LATEST", step, {}, SMALL)
@@ -465,7 +460,7 @@ def test_keep_last_on_disk(tmp_path):
 )
 def test_keep_best_on_disk(tmp_path, mode, metric, values, best):
     run = tmp_path / "run"
-    store = CheckpointStore(run, fsync=False, keep_best=1, best_metric=metric, best_mode=mode, log=lambda s: None)
+    store = Store(run, fsync=False, keep_best=1, best_metric=metric, best_mode=mode, log=lambda s: None)
     for step, value in values.items():
         publish(store, f"step-{step}", step, {metric: value}, SMALL)
         store.after_publish()
@@ -480,7 +475,7 @@ def test_keep_best_on_disk(tmp_path, mode, metric, values, best):
 
 def test_keep_last_and_best_on_disk(tmp_path):
     run = tmp_path / "run"
-    store = CheckpointStore(run, fsync=False, keep_last=1, keep_best=1, log=lambda s: None)
+    store = Store(run, fsync=False, keep_last=1, keep_best=1, log=lambda s: None)
     for step, loss in ((10, 0.9), (20, 0.1), (30, 0.5), (40, 0.7)):
         publish(store, f"step-{step}", step, {"loss/eval": loss}, SMALL)
         store.after_publish()
@@ -490,7 +485,7 @@ def test_keep_last_and_best_on_disk(tmp_path):
 
 def test_no_limits_keeps_all_and_points_best(tmp_path):
     run = tmp_path / "run"
-    store = CheckpointStore(run, fsync=False)
+    store = Store(run, fsync=False)
     for step, loss in ((1, 0.9), (2, 0.3), (3, 0.5)):
         publish(store, f"step-{step}", step, {"loss/eval": loss}, SMALL)
         store.after_publish()
@@ -613,7 +608,7 @@ def test_atomic_write_failure_keeps_old_content(tmp_path):
 
 def test_failed_copy_on_write_leaves_published_dir_intact(tmp_path):
     run = tmp_path / "run"
-    store = CheckpointStore(run, fsync=False)
+    store = Store(run, fsync=False)
     target = publish(store, "step-1", 1, {}, SMALL)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     # pickle refuses a local lambda with PicklingError or AttributeError, depending on where it looks first
@@ -625,43 +620,43 @@ def test_failed_copy_on_write_leaves_published_dir_intact(tmp_path):
 
 
 # ============================================================================================
-# resolve_archive
+# locate(..., 'archive'): what model.archive means
 
 
-def test_resolve_archive(tmp_path):
+def test_archive_may_be_a_file_a_checkpoint_or_a_run(tmp_path):
     run = tmp_path / "run"
-    store = CheckpointStore(run, fsync=False)
+    store = Store(run, fsync=False)
     step = publish(store, "step-5", 5, {}, SMALL)
-    assert resolve_archive(step / "policy.pt") == step / "policy.pt"
-    assert resolve_archive(step) == step / "policy.pt"
+    assert locate(step / "policy.pt", "archive") == step / "policy.pt"
+    assert locate(step, "archive") == step / "policy.pt"
     publish(store, "LATEST", 6, {}, SMALL)
-    assert resolve_archive(run) == run / "LATEST" / "policy.pt"
+    assert locate(run, "archive") == run / "LATEST" / "policy.pt"
 
     # a reference run dir with LATEST as a plain directory
     ref_run = tmp_path / "ref"
     write_reference(ref_run / "LATEST", 8, SMALL)
-    assert resolve_archive(ref_run) == ref_run / "LATEST" / "policy.pt"
+    assert locate(ref_run, "archive") == ref_run / "LATEST" / "policy.pt"
 
 
 def test_resolve_archive_newest_step_dir(tmp_path, capsys):
     run = tmp_path / "run"
-    store = CheckpointStore(run, fsync=False)
+    store = Store(run, fsync=False)
     for step in (5, 20, 10):
         publish(store, f"step-{step}", step, {}, SMALL)
     write_reference(run / "step-15", 15, SMALL)
-    assert resolve_archive(run) == run / "step-20" / "policy.pt"
+    assert locate(run, "archive") == run / "step-20" / "policy.pt"
 
     # a damaged newest checkpoint is skipped, loudly
     (run / "step-20" / "policy.pt").write_bytes(b"cut")
-    assert resolve_archive(run) == run / "step-15" / "policy.pt"
+    assert locate(run, "archive") == run / "step-15" / "policy.pt"
     assert "step-20" in capsys.readouterr().out
 
 
 def test_resolve_archive_errors(tmp_path):
     with pytest.raises(CheckpointError) as info:
-        resolve_archive(tmp_path / "missing")
+        locate(tmp_path / "missing", "archive")
     assert str(tmp_path / "missing") in str(info.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError) as info:
-        resolve_archive(tmp_path / "empty")
+        locate(tmp_path / "empty", "archive")
     assert str(tmp_path / "empty") in str(info.value)

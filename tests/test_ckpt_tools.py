@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.checkpoint import CONTRACT_FILES, CheckpointStore
+from conftest import Store
+from dpokit.checkpoint import CONTRACT_FILES
 
 DPOKIT = Path(sys.executable).parent / "dpokit"
 TINY_CONFIG = {"model": {"name_or_path": "tiny", "tokenizer_name_or_path": None}, "loss": {"name": "dpo"}}
@@ -54,11 +55,8 @@ def reference_save(directory: Path, step: int, states: dict, metrics: dict | Non
     return directory
 
 
-def store_save(store: CheckpointStore, name: str, step: int, states: dict, metrics: dict | None) -> Path:
-    staging = store.begin()
-    for filename in CONTRACT_FILES:
-        store.write(staging, filename, step, states[filename], metrics)
-    return store.publish(staging, name, step, metrics)
+def store_save(store: Store, name: str, step: int, states: dict, metrics: dict | None) -> Path:
+    return store.publish(name, step, metrics, {f: states[f] for f in CONTRACT_FILES})
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +81,7 @@ def world(tmp_path_factory):
     n_params = sum(p.numel() for p in model.parameters())  # unique (the LM head is tied)
 
     run = base / "run"
-    store = CheckpointStore(run, config=TINY_CONFIG)
+    store = Store(run, config=TINY_CONFIG)
     ours = store_save(store, "step-8", 8, states, METRICS)
     store_save(store, "LATEST", 8, states, {})
     ref = reference_save(base / "ref" / "LATEST", 16, states, {"loss/eval": 0.5})

@@ -12,7 +12,8 @@ import torch
 
 from conftest import FAST, metrics_log
 from dpokit.errors import CheckpointError, ConfigError
-from dpokit.train import build_config, main
+from dpokit.startup import build_config
+from dpokit.train import main
 
 
 def _train_losses(log: list[dict]) -> list[tuple[int, float]]:

@@ -8,39 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
-from dpokit.errors import DpokitError
-
-EXIT_USER_ERROR = 2
-
-
-def run_guarded(fn: Callable[[], object], traceback_on: bool = False) -> int:
-    try:
-        result = fn()
-    except DpokitError as err:
-        if traceback_on or os.environ.get("DPOKIT_TRACEBACK"):
-            traceback.print_exc()
-        print(f"dpokit: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("dpokit: interrupted", file=sys.stderr)
-        return 130
-    return result if isinstance(result, int) else 0
-
+from dpokit.errors import EXIT_USER_ERROR, DpokitError, run_guarded
 
 # ============================================================================================
 # ckpt tools
 
 
 def _policy_path(path: Path) -> Path:
-    from dpokit.checkpoint import resolve_archive
+    from dpokit.checkpoint import locate
 
-    return resolve_archive(path)
+    return locate(path, "archive")
 
 
 def _human(n: float) -> str:
@@ -63,9 +43,9 @@ def _describe_state(state: dict) -> str:
 def cmd_show(path: Path) -> int:
     from dpokit.checkpoint import CONTRACT_FILES, load_payload, read_manifest
 
-    files = [path] if path.is_file() else [path / n for n in CONTRACT_FILES if (path / n).is_file()]
     if not path.exists():
         raise DpokitError(f"{path} does not exist")
+    files = [path] if path.is_file() else [path / n for n in CONTRACT_FILES if (path / n).is_file()]
     if not files:
         raise DpokitError(f"{path} holds none of {', '.join(CONTRACT_FILES)}")
     print(f"checkpoint {path}")
@@ -108,16 +88,14 @@ def cmd_show(path: Path) -> int:
 
 
 def cmd_verify(path: Path) -> int:
-    from dpokit.checkpoint import checkpoint_dirs, is_run_dir, verify_dir
+    from dpokit.checkpoint import PathKind, checkpoint_dirs, kind_of, verify_dir
 
     if not path.exists():
         print(f"FAIL {path}: does not exist")
         return 1
     if path.is_file():
         path = path.parent
-    targets = (
-        [p for _, p in checkpoint_dirs(path)] if is_run_dir(path) and not (path / "policy.pt").exists() else [path]
-    )
+    targets = [p for _, p in checkpoint_dirs(path)] if kind_of(path) is PathKind.RUN else [path]
     bad = 0
     for target in targets:
         problem = verify_dir(target)
@@ -205,7 +183,7 @@ def ckpt_main(argv: list[str]) -> int:
 USAGE = """usage: dpokit COMMAND ...
 
 commands:
-  train KEY=VALUE ...     train with SFT, DPO or IPO (dpokit train --help lists every key)
+  train KEY=VALUE ...     train with SFT, DPO or IPO (dpokit train --help lists every key);
   ckpt show PATH          step, metrics, files, sizes, parameters of a checkpoint
   ckpt verify PATH        check a checkpoint (or every checkpoint of a run directory)
   ckpt diff A B           compare the policy tensors of two checkpoints

@@ -1,9 +1,16 @@
-"""User-facing errors.
+"""User-facing errors, and how a command reports them.
 
 Anything raised as a `DpokitError` is a mistake in the user's input (config, data, checkpoint)
 that the command line reports as one sentence and a non-zero exit status, without a traceback.
 Everything else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
 
 
 class DpokitError(Exception):
@@ -20,3 +27,23 @@ class DataError(DpokitError):
 
 class CheckpointError(DpokitError):
     """A checkpoint that cannot be read or written; the message names the path."""
+
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def run_guarded(fn: Callable[[], object], traceback_on: bool = False) -> int:
+    """Run a command: a DpokitError becomes one sentence on stderr and exit status 2 (with the
+    traceback only when asked: --traceback or DPOKIT_TRACEBACK=1); Ctrl-C exits 130."""
+    try:
+        result = fn()
+    except DpokitError as err:
+        if traceback_on or os.environ.get("DPOKIT_TRACEBACK"):
+            traceback.print_exc()
+        print(f"dpokit: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("dpokit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return result if isinstance(result, int) else 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from dpokit.checkpoint import load_payload, resolve_archive
+from dpokit.checkpoint import load_payload, locate
 from dpokit.errors import CheckpointError, DpokitError
 
 BUNDLED_MODELS = {"tiny": "assets/tiny"}
@@ -116,7 +116,7 @@ def check_state_dict_fits(model: torch.nn.Module, state: dict, source: str) -> N
 
 def load_archive(archive: str, models: list[torch.nn.Module], log=print) -> dict:
     """Load `model.archive` (a policy.pt, checkpoint directory or run directory) into each model."""
-    path = resolve_archive(archive)
+    path = locate(archive, "archive", log=log)
     payload = load_payload(path)
     state = payload["state"]
     if not isinstance(state, dict):

@@ -1,0 +1,217 @@
+"""The Checkpointer: the one owner of training state on disk.
+
+It holds references to what a checkpoint is made of (policy, optimizer, scheduler and the
+trainer's own state) and alone decides how a save happens: which process collects and writes
+what, what a failed save does, and what is kept afterwards. The
+training loop calls `save(step, metrics)` and `restore(path)` and knows nothing of files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpokit.checkpoint.discovery import step_dir_name
+from dpokit.checkpoint.format import (
+    CONTRACT_FILES,
+    MANIFEST,
+    POLICY,
+    TRAINER_STATE,
+    CheckpointWriter,
+    load_payload,
+    manifest_files,
+)
+from dpokit.checkpoint.retention import RetentionPolicy, apply_retention
+from dpokit.checkpoint.storage import LATEST, Storage
+from dpokit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpokit.distributed import Distribution
+
+OPTIMIZER, SCHEDULER = CONTRACT_FILES[1], CONTRACT_FILES[2]
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    fsync: bool = True
+    save_optimizer: bool = True
+    on_error: str = "raise"
+    retention: RetentionPolicy = RetentionPolicy()
+
+    @classmethod
+    def from_config(cls, ck: Any) -> CheckpointSettings:
+        return cls(
+            fsync=ck.fsync,
+            save_optimizer=ck.save_optimizer,
+            on_error=ck.on_error,
+            retention=RetentionPolicy(ck.keep_last, ck.keep_best, ck.best_metric, ck.best_mode),
+        )
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        settings: CheckpointSettings,
+        *,
+        policy: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        trainer_state: Callable[[], dict],
+        dist: Distribution,
+        run_config: dict | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.run_dir, self.settings = Path(run_dir), settings
+        self.policy, self.optimizer, self.scheduler = policy, optimizer, scheduler
+        self.trainer_state, self.dist, self.run_config = trainer_state, dist, run_config
+        self.log = log if dist.is_main else (lambda _msg: None)
+        self.storage = Storage(self.run_dir, settings.fsync)
+        self.failed: list[str] = []
+
+    @property
+    def latest_dir(self) -> Path:
+        return self.run_dir / LATEST
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def sweep(self) -> list[str]:
+        """Remove leftovers of killed saves. One process decides and acts; the others wait for
+        it, so no process can see (or trip over) a directory another is removing."""
+        removed = self.storage.sweep() if self.dist.is_main else []
+        self.dist.barrier()
+        if removed:
+            self.log(f"removed leftovers of an interrupted save: {', '.join(sorted(removed))}")
+        return removed
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, step: int, metrics: dict | None = None, *, final: bool = False, where: str | Path | None = None):
+        """Save the training state as `step-{step}` (final: `LATEST`; `where`: that directory).
+
+        Every process must call it. With checkpoint.on_error=warn a failed save is reported and
+        None returned; otherwise it raises, naming the checkpoint. Earlier checkpoints are never
+        touched by a failed save.
+        """
+        target = Path(where) if where is not None else self.run_dir / (LATEST if final else step_dir_name(step))
+        self.log(f"saving checkpoint to {target}...")
+        try:
+            self._save_full(target, step, metrics)
+        except CheckpointError as err:
+            if self.settings.on_error != "warn":
+                raise
+            self.failed.append(str(err))
+            self.log(f"WARNING: checkpoint not saved ({err}); training goes on (checkpoint.on_error=warn)")
+            return None
+        if target.parent == self.run_dir and self.dist.is_main:
+            self._retain()
+        self.dist.barrier()
+        return target
+
+    def _save_full(self, target: Path, step: int, metrics: dict | None) -> None:
+        # Collecting is collective (FSDP gathers shards); only the main process holds and writes the result.
+        files = {POLICY: self.dist.full_state_dict(self.policy)}
+        if self.settings.save_optimizer:
+            files[OPTIMIZER] = self.dist.full_optimizer_state_dict(self.policy, self.optimizer)
+            files[SCHEDULER] = self.scheduler.state_dict()
+            files[TRAINER_STATE] = self.trainer_state()
+        error = None
+        if self.dist.is_main:
+            error = self._publish(target, step, metrics, files)
+        self._raise_if(self.dist.broadcast_object(error))
+
+    def _publish(self, target: Path, step: int, metrics: dict | None, files: dict) -> str | None:
+        """Write `files` into a staging directory, seal it with the manifest and publish it;
+        returns the failure as one sentence, or None."""
+        try:
+            staging = self.storage.stage(target.parent)
+        except CheckpointError as err:
+            return _failed(target, err)
+        try:
+            writer = CheckpointWriter(staging, self.settings.fsync)
+            for filename, state in files.items():
+                writer.write(filename, step, state, metrics)
+            writer.seal(step, metrics, self.run_config)
+            self.storage.commit(staging, target.name, target.parent)
+        except CheckpointError as err:
+            self.storage.discard(staging)
+            return _failed(target, err)
+        except BaseException:
+            self.storage.discard(staging)
+            raise
+        return None
+
+    @staticmethod
+    def _raise_if(error: str | None) -> None:
+        if error is not None:
+            raise CheckpointError(error)
+
+    def write_file(self, directory: str | Path, filename: str, step: int, state: Any, metrics: dict | None) -> None:
+        """One contract file into a checkpoint directory (the reference's `write_state_dict`)."""
+        if self.dist.is_main:
+            rewrite_file(self.storage, Path(directory), filename, step, state, metrics, self.run_config)
+
+    # -- retention -------------------------------------------------------------------------
+
+    def _retain(self) -> None:
+        apply_retention(self.storage, self.settings.retention, self.log)
+
+    # -- restoring -------------------------------------------------------------------------
+
+    def restore(self, ckpt_dir: str | Path) -> dict:
+        """Load policy, optimizer and scheduler state from a checkpoint; returns the trainer state
+        (counters, RNG, data position)."""
+        from dpokit.models import check_state_dict_fits
+
+        ckpt_dir = Path(ckpt_dir)
+        missing = [name for name in (OPTIMIZER, SCHEDULER, TRAINER_STATE) if not (ckpt_dir / name).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"cannot resume from {ckpt_dir}: it has no {missing[0]} (saved with checkpoint.save_optimizer=false or by "
+                f"another tool); start a new run from its weights with model.archive={ckpt_dir} instead"
+            )
+        policy = optimizer = None
+        if self.dist.is_main:
+            policy = load_payload(ckpt_dir / POLICY)["state"]
+            check_state_dict_fits(self.policy, policy, str(ckpt_dir / POLICY))
+            optimizer = load_payload(ckpt_dir / OPTIMIZER)["state"]
+        self.dist.load_full_state_dict(self.policy, policy)
+        self.dist.load_full_optimizer_state_dict(self.policy, self.optimizer, optimizer)
+        self.scheduler.load_state_dict(load_payload(ckpt_dir / SCHEDULER)["state"])
+        return load_payload(ckpt_dir / TRAINER_STATE)["state"]
+
+
+def rewrite_file(
+    storage: Storage,
+    directory: Path,
+    filename: str,
+    step: int,
+    state: Any,
+    metrics: dict | None,
+    config: dict | None = None,
+) -> Path:
+    """Write one contract file into a checkpoint directory. A directory that is already published
+    is republished whole (copy-on-write: its other files are hard-linked into a staging copy), so
+    a checkpoint and its manifest never disagree."""
+    staging = storage.stage(directory.parent)
+    try:
+        writer = CheckpointWriter(staging, storage.fsync)
+        if directory.is_dir():
+            known = manifest_files(directory)
+            for old in directory.iterdir():
+                if old.name not in (MANIFEST, filename) and not old.name.startswith(".") and old.is_file():
+                    writer.adopt(old, known)
+        writer.write(filename, step, state, metrics)
+        writer.seal(step, metrics, config)
+        return storage.commit(staging, directory.name, directory.parent)
+    except BaseException:
+        storage.discard(staging)
+        raise
+
+
+def _failed(target: Path, err: CheckpointError) -> str:
+    return f"saving checkpoint {target} failed, earlier checkpoints are untouched ({err})"

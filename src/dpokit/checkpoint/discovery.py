@@ -1,0 +1,138 @@
+"""What a path given by a user is, and which checkpoint it means.
+
+One place decides it for every caller (training, resume, `model.archive`, the `ckpt` tools):
+a contract file (`policy.pt`), a checkpoint directory, or a run directory (its checkpoints are
+`step-*` and `LATEST`; the newest complete one is chosen, damaged newer ones are reported).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from dpokit.checkpoint.format import POLICY, manifest_step, read_manifest, verify_dir
+from dpokit.checkpoint.storage import LATEST
+from dpokit.errors import CheckpointError
+
+STEP_PREFIX = "step-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step}"
+
+
+def step_of(name: str) -> int | None:
+    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX) :].isdigit():
+        return int(name[len(STEP_PREFIX) :])
+    return None
+
+
+class PathKind(enum.Enum):
+    MISSING = "missing"
+    FILE = "file"
+    CHECKPOINT = "checkpoint directory"
+    RUN = "run directory"
+    OTHER_DIR = "directory"
+
+
+def kind_of(path: Path) -> PathKind:
+    if not path.exists():
+        return PathKind.MISSING
+    if path.is_file():
+        return PathKind.FILE
+    if (path / POLICY).is_file() or (path / "manifest.json").is_file():
+        return PathKind.CHECKPOINT
+    if (path / LATEST).exists() or any(step_of(p.name) is not None for p in path.iterdir()):
+        return PathKind.RUN
+    return PathKind.OTHER_DIR
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every visible checkpoint directory in a run directory, newest first."""
+    found = []
+    for p in run_dir.iterdir() if run_dir.is_dir() else []:
+        if p.name.startswith("."):
+            continue
+        if (p.name == LATEST or step_of(p.name) is not None) and p.is_dir():
+            step = manifest_step(p) if p.name == LATEST else step_of(p.name)
+            # an unreadable LATEST still counts (last), so that verification reports it
+            found.append((step if step is not None else -1, p))
+    # at equal steps prefer LATEST: it is the end-of-training state
+    return sorted(found, key=lambda sp: (sp[0], sp[1].name == LATEST), reverse=True)
+
+
+def newest_complete(run_dir: Path, checksums: bool = True, log: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint directory that verifies; damaged newer ones are reported loudly."""
+    for _, path in checkpoint_dirs(run_dir):
+        problem = verify_dir(path, checksums=checksums)
+        if problem is None:
+            return path
+        log(f"WARNING: skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
+Purpose = Literal["archive", "resume", "export"]
+
+
+def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = print) -> Path:
+    """The checkpoint a user means by `path`.
+
+    archive / export: the `policy.pt` file to load (a file, a checkpoint directory, or a run
+    directory's LATEST, else its newest complete checkpoint). resume: the checkpoint directory,
+    verified (a run directory: its newest complete checkpoint).
+    """
+    p = Path(path).expanduser()
+    kind = kind_of(p)
+    what = {"archive": "model.archive", "resume": "resume path", "export": "checkpoint"}[purpose]
+    if kind is PathKind.MISSING:
+        raise CheckpointError(f"{what} {p} does not exist")
+    if purpose == "resume":
+        ckpt = p.parent if kind is PathKind.FILE else p
+        if kind_of(ckpt) is PathKind.CHECKPOINT:
+            problem = verify_dir(ckpt)
+            if problem is not None:
+                raise CheckpointError(f"cannot resume from {ckpt}: {problem}")
+            return ckpt
+        found = newest_complete(ckpt, log=log)
+        if found is None:
+            raise CheckpointError(f"resume path {p} holds no complete checkpoint")
+        return found
+    if kind is PathKind.FILE:
+        return p
+    if kind is PathKind.CHECKPOINT:
+        return _policy_file(p, what)
+    if (p / LATEST / POLICY).is_file():
+        return _policy_file(p / LATEST, what)
+    newest = newest_complete(p, checksums=False, log=log) if kind is PathKind.RUN else None
+    if newest is not None:
+        return _policy_file(newest, what)
+    raise CheckpointError(f"{what} {p} is a directory with no policy.pt, LATEST or step-* checkpoint")
+
+
+def _manifest_or_none(ckpt_dir: Path) -> dict | None:
+    try:
+        return read_manifest(ckpt_dir) if ckpt_dir.is_dir() else None
+    except CheckpointError:
+        return None
+
+
+def _policy_file(ckpt_dir: Path, what: str) -> Path:
+    if (ckpt_dir / POLICY).is_file():
+        return ckpt_dir / POLICY
+    raise CheckpointError(f"{what} {ckpt_dir} has no policy.pt")
+
+
+def run_config_of(ckpt_dir: Path) -> dict | None:
+    """The config of the run that wrote a checkpoint: its manifest's, else the run's config.yaml."""
+    from omegaconf import OmegaConf
+
+    config = (_manifest_or_none(ckpt_dir) or {}).get("config")
+    if config:
+        return config
+    config_yaml = ckpt_dir.parent / "config.yaml"
+    if config_yaml.is_file():
+        loaded = OmegaConf.to_container(OmegaConf.load(config_yaml))
+        return loaded if isinstance(loaded, dict) else None
+    return None

@@ -1,0 +1,253 @@
+"""What a checkpoint directory holds, and how to tell a complete one from a damaged one.
+
+The DPO reference's contract: `policy.pt`, `optimizer.pt` and `scheduler.pt`, each
+`torch.save({'step_idx': int, 'state': state_dict, 'metrics': dict})`. Around it, without changing
+it: `trainer_state.pt` (counters, RNG states, data position, for exact resume) and
+`manifest.json`, written last, with every file's size and xxh3-64 checksum, the step, metrics,
+the run's config and library versions. A directory is a complete checkpoint when its manifest
+is there and matches; directories written by the reference have none and are checked by loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.checkpoint.storage import FileRecord, atomic_write, atomic_write_bytes, os_failure
+from dpokit.errors import CheckpointError
+
+POLICY = "policy.pt"
+CONTRACT_FILES = (POLICY, "optimizer.pt", "scheduler.pt")
+TRAINER_STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dpokit-checkpoint"
+MANIFEST_VERSION = 1
+_CHUNK = 1 << 22
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def checksum_file(path: str | os.PathLike) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    from dpokit import __version__
+
+    return {
+        "dpokit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# ============================================================================================
+# contract files
+
+
+def write_payload(
+    path: str | os.PathLike, step: int, state: Any, metrics: dict | None, fsync: bool = True
+) -> FileRecord:
+    """One contract file: torch.save({'step_idx', 'state', 'metrics'}), atomically."""
+    payload = {"step_idx": step, "state": state, "metrics": metrics if metrics is not None else {}}
+    record = atomic_write(path, lambda f: torch.save(payload, f), fsync)
+    record.step_idx = step
+    return record
+
+
+def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a contract file with weights_only=True, turning every failure into one sentence."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint file {path} is a directory")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise os_failure("read", path, err) from None
+    # torch.save writes a zip archive (PK..); files of torch < 1.6 start with a pickle opcode
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        what = "it is empty" if not magic else f"it starts with {magic!r}"
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({what})")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} needs arbitrary pickle to load (it stores Python objects, not only tensors), which dpokit "
+                f'refuses for safety; if you trust the file, convert it with: python -c "import torch; '
+                f"p=torch.load('{path}', weights_only=False); torch.save(p, '{path}.converted')\""
+            ) from None
+        raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({first_line(err)})") from None
+    except Exception as err:  # torch reports damaged archives with many exception types
+        raise CheckpointError(
+            f"{path} is truncated or not a torch checkpoint ({type(err).__name__}: {first_line(err)})"
+        ) from None
+    if not isinstance(payload, dict) or "state" not in payload or "step_idx" not in payload:
+        kind = f"dict with keys {sorted(payload)[:5]}" if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is not a dpokit/DPO-reference checkpoint: expected a dict with 'step_idx', "
+            f"'state' and 'metrics', found a {kind}"
+        )
+    return payload
+
+
+def contract_step(path: Path) -> int | None:
+    """step_idx of a contract file (None for other files or unreadable ones)."""
+    if path.name not in CONTRACT_FILES:
+        return None
+    try:
+        return int(load_payload(path)["step_idx"])
+    except CheckpointError:
+        return None
+
+
+# ============================================================================================
+# one checkpoint directory being written
+
+
+class CheckpointWriter:
+    """Writes the files of one (staging) directory and, last, the manifest that lists them."""
+
+    def __init__(self, directory: Path, fsync: bool = True) -> None:
+        self.directory, self.fsync = Path(directory), fsync
+        self.records: dict[str, FileRecord] = {}
+
+    def write(self, filename: str, step: int, state: Any, metrics: dict | None) -> None:
+        self.records[filename] = write_payload(self.directory / filename, step, state, metrics, self.fsync)
+
+    def record(self, filename: str, record: FileRecord) -> None:
+        """A file that someone else wrote into the directory (a shard, a hard link)."""
+        self.records[filename] = record
+
+    def adopt(self, old: Path, known: dict[str, dict]) -> None:
+        """Hard-link a file of a published directory into this one. A file the old manifest
+        lists keeps its recorded checksum (damage since then stays detectable); others are hashed."""
+        os.link(old, self.directory / old.name)
+        rec = known.get(old.name)
+        self.records[old.name] = (
+            FileRecord(**rec) if rec else FileRecord(old.stat().st_size, checksum_file(old), contract_step(old))
+        )
+
+    def seal(self, step: int, metrics: dict | None, config: dict | None, extra: dict | None = None) -> None:
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "step": step,
+            "files": {k: vars(v) for k, v in sorted(self.records.items())},
+            "metrics": metrics or {},
+            "config": config,
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra or {}),
+        }
+        atomic_write_bytes(self.directory / MANIFEST, json.dumps(manifest, indent=1, default=str).encode(), self.fsync)
+
+
+# ============================================================================================
+# reading and verifying
+
+
+def read_manifest(ckpt_dir: str | os.PathLike) -> dict | None:
+    path = Path(ckpt_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({first_line(err)})") from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
+        raise CheckpointError(f"{path} is not a dpokit manifest")
+    return manifest
+
+
+def manifest_files(ckpt_dir: Path) -> dict[str, dict]:
+    """The file records of a directory's manifest ({} without a readable one)."""
+    try:
+        return (read_manifest(ckpt_dir) or {}).get("files", {})
+    except CheckpointError:
+        return {}
+
+
+def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | None:
+    """None if the directory is a complete checkpoint, else a one-line reason.
+
+    With a manifest: every listed file exists with its size (and checksum). Without one (written by
+    the reference): policy.pt and any optimizer.pt/scheduler.pt load and agree on step_idx.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return f"{ckpt_dir} is not a directory"
+    try:
+        manifest = read_manifest(ckpt_dir)
+    except CheckpointError as err:
+        return str(err)
+    if manifest is not None:
+        return _verify_against_manifest(ckpt_dir, manifest, checksums)
+    if not (ckpt_dir / POLICY).is_file():
+        return f"{ckpt_dir} has no policy.pt and no manifest"
+    steps = {}
+    for name in CONTRACT_FILES:
+        if (ckpt_dir / name).is_file():
+            try:
+                steps[name] = load_payload(ckpt_dir / name)["step_idx"]
+            except CheckpointError as err:
+                return str(err)
+    if len(set(steps.values())) > 1:
+        return f"{ckpt_dir} mixes steps: " + ", ".join(f"{k} has step {v}" for k, v in steps.items())
+    return None
+
+
+def _verify_against_manifest(ckpt_dir: Path, manifest: dict, checksums: bool) -> str | None:
+    files = manifest["files"]
+    if POLICY not in files:
+        return f"{ckpt_dir / MANIFEST} lists no policy.pt"
+    steps = {name: rec.get("step_idx") for name, rec in files.items() if name in CONTRACT_FILES}
+    if len(set(steps.values())) > 1:
+        return f"{ckpt_dir} mixes steps: " + ", ".join(f"{k} has step {v}" for k, v in sorted(steps.items()))
+    for name, rec in files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != rec["size"]:
+            return f"{path} has {size} bytes, the manifest says {rec['size']}"
+        if checksums and checksum_file(path) != rec["xxh3_64"]:
+            return f"{path} does not match its checksum in the manifest"
+    return None
+
+
+def manifest_step(ckpt_dir: Path) -> int | None:
+    """The step a checkpoint directory holds (from its manifest, else its policy.pt)."""
+    try:
+        manifest = read_manifest(ckpt_dir)
+        if manifest is not None:
+            return int(manifest["step"])
+        return int(load_payload(ckpt_dir / POLICY)["step_idx"])
+    except CheckpointError:
+        return None
