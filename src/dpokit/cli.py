@@ -20,7 +20,7 @@ from dpokit.errors import EXIT_USER_ERROR, DpokitError, run_guarded
 def _policy_path(path: Path) -> Path:
     from dpokit.checkpoint import locate
 
-    return locate(path, "archive")
+    return locate(path, "weights")
 
 
 def _human(n: float) -> str:
@@ -41,12 +41,13 @@ def _describe_state(state: dict) -> str:
 
 
 def cmd_show(path: Path) -> int:
-    from dpokit.checkpoint import CONTRACT_FILES, load_payload, read_manifest
+    from dpokit.checkpoint import CONTRACT_FILES, is_sharded, load_payload, read_manifest
 
     if not path.exists():
         raise DpokitError(f"{path} does not exist")
     files = [path] if path.is_file() else [path / n for n in CONTRACT_FILES if (path / n).is_file()]
-    if not files:
+    sharded = path.is_dir() and is_sharded(read_manifest(path))
+    if not files and not sharded:
         raise DpokitError(f"{path} holds none of {', '.join(CONTRACT_FILES)}")
     print(f"checkpoint {path}")
     if path.is_dir():
@@ -63,6 +64,14 @@ def cmd_show(path: Path) -> int:
             loss = (manifest.get("config") or {}).get("loss", {})
             if model:
                 print(f"  model: {model.get('name_or_path')}, loss: {loss.get('name')}")
+            if sharded:
+                shards = {k: v for k, v in manifest["files"].items() if "/" in k}
+                size = sum(v["size"] for v in shards.values())
+                print(
+                    f"  layout: sharded ({len(shards)} Distributed Checkpoint files, {_human(size)}: "
+                    f"{', '.join(manifest.get('sharded_state', []))}); "
+                    f"'dpokit ckpt consolidate {path} OUT' writes policy.pt and optimizer.pt"
+                )
         for extra in sorted(p for p in path.iterdir() if p.is_file() and p not in files and not p.name.startswith(".")):
             print(f"  {extra.name}: {_human(extra.stat().st_size)}")
     metrics_shown = False
@@ -137,6 +146,22 @@ def cmd_diff(a: Path, b: Path, tolerance: float) -> int:
     return 1 if (differing or only_a or only_b) else 0
 
 
+def cmd_consolidate(ckpt: Path, out_dir: Path) -> int:
+    from dpokit.checkpoint import PathKind, kind_of, newest_complete
+    from dpokit.checkpoint.sharded import consolidate
+
+    if kind_of(ckpt) is PathKind.RUN:
+        found = newest_complete(ckpt)
+        if found is None:
+            raise DpokitError(f"{ckpt} holds no complete checkpoint")
+        ckpt = found
+    consolidate(ckpt, out_dir)
+    print(
+        f"consolidated {ckpt} into {out_dir} (policy.pt, optimizer.pt, scheduler.pt, trainer_state.pt, manifest.json)"
+    )
+    return 0
+
+
 def cmd_export(ckpt: Path, out_dir: Path, model_name: str | None, force: bool) -> int:
     from dpokit.export import export_hf
 
@@ -166,6 +191,9 @@ def _ckpt_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--model", default=None, help="base model (name or path); default: the run's config.yaml")
     p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p = sub.add_parser("consolidate", help="turn a sharded checkpoint into policy.pt, optimizer.pt, scheduler.pt")
+    p.add_argument("ckpt", type=Path, help="sharded checkpoint directory (or a run directory: its newest)")
+    p.add_argument("out_dir", type=Path, help="new directory to write (must not exist)")
     return parser
 
 
@@ -176,6 +204,7 @@ def ckpt_main(argv: list[str]) -> int:
         "verify": lambda: cmd_verify(args.path),
         "diff": lambda: cmd_diff(args.a, args.b, args.tolerance),
         "export": lambda: cmd_export(args.ckpt, args.out_dir, args.model, args.force),
+        "consolidate": lambda: cmd_consolidate(args.ckpt, args.out_dir),
     }
     return run_guarded(commands[args.command], args.traceback)
 
@@ -184,10 +213,12 @@ USAGE = """usage: dpokit COMMAND ...
 
 commands:
   train KEY=VALUE ...     train with SFT, DPO or IPO (dpokit train --help lists every key);
+                          trainer=FSDPTrainer starts torchrun (one process per GPU, nproc=N on CPU);
   ckpt show PATH          step, metrics, files, sizes, parameters of a checkpoint
   ckpt verify PATH        check a checkpoint (or every checkpoint of a run directory)
   ckpt diff A B           compare the policy tensors of two checkpoints
   ckpt export CKPT OUT    export the policy to a Hugging Face model directory
+  ckpt consolidate DIR OUT   turn a sharded checkpoint into the three-file one
 """
 
 
@@ -205,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         show_tb = "--traceback" in rest
         rest = [a for a in rest if a != "--traceback"]
-        from dpokit.train import main as train_main
+        from dpokit.train import train_or_launch
 
-        return run_guarded(lambda: train_main(rest) and 0, show_tb)
+        return run_guarded(lambda: train_or_launch(rest), show_tb)
     if command == "ckpt":
         return ckpt_main(rest)
     print(f"dpokit: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)

@@ -30,7 +30,8 @@ from dpokit.errors import ConfigError
 GROUPS = ("model", "loss")
 DEFAULT_GROUPS = {"model": "tiny", "loss": "sft"}
 PREFERENCE_LOSSES = ("dpo", "ipo")
-TRAINERS = ("BasicTrainer",)
+TRAINERS = ("BasicTrainer", "FSDPTrainer")
+CHECKPOINT_FORMATS = ("full", "sharded")
 LIST_KEYS = ("datasets", "local_dirs")
 
 
@@ -48,9 +49,15 @@ class ModelConfig:
     archive: Optional[str] = _doc(
         "checkpoint to start from: a policy.pt, a checkpoint directory or a run directory", None
     )
-    block_name: Optional[str] = _doc("class name of the transformer block (for FSDP wrapping)", None)
+    block_name: Optional[str] = _doc(
+        "class name of the transformer block FSDP shards (GPT2Block, GPTNeoXLayer, LlamaDecoderLayer); null: inferred",
+        None,
+    )
     policy_dtype: str = _doc("torch dtype of the trained policy", "float32")
-    fsdp_policy_mp: Optional[str] = _doc("mixed-precision dtype for FSDP (unused by BasicTrainer)", None)
+    fsdp_policy_mp: Optional[str] = _doc(
+        "FSDPTrainer: compute dtype of the policy (bfloat16 or float16; fp32 master weights and reduction); null: policy_dtype",
+        None,
+    )
     reference_dtype: str = _doc("torch dtype of the frozen reference model", "float16")
 
 
@@ -92,6 +99,10 @@ class CheckpointConfig:
     best_metric: str = _doc("eval metric that ranks checkpoints for keep_best and the 'best' pointer", "loss/eval")
     best_mode: str = _doc("whether the best checkpoint has the min or the max of best_metric", "min")
     on_error: str = _doc("when a save fails (disk full, permissions): 'raise' stops training, 'warn' goes on", "raise")
+    format: str = _doc(
+        "'full': the reference's policy.pt/optimizer.pt/scheduler.pt; 'sharded': every process writes its part (FSDP)",
+        "full",
+    )
 
 
 @dataclass
@@ -105,7 +116,10 @@ class Config:
     )
     eval_batch_size: int = _doc("examples per batch during evaluation and sampling", 16)
     debug: bool = _doc("debug mode: no checkpoints and no wandb", False)
-    fsdp_port: Optional[int] = _doc("port for the distributed rendezvous (FSDP)", None)
+    fsdp_port: Optional[int] = _doc("FSDPTrainer started without torchrun: rendezvous port (null: a free one)", None)
+    nproc: Optional[int] = _doc(
+        "FSDPTrainer started without torchrun: processes to launch (null: one per visible GPU, or 2 on CPU)", None
+    )
     datasets: list[str] = _doc(
         "datasets to train on: hh, shp, se, hh_sample, or hh:PATH for a local HH-format file or directory",
         factory=lambda: ["hh_sample"],
@@ -127,14 +141,16 @@ class Config:
     n_epochs: Optional[int] = _doc("epochs to train for (null: n_examples decides)", 1)
     n_examples: Optional[int] = _doc("training examples to train for (null: n_epochs decides)", None)
     n_eval_examples: int = _doc("examples in each evaluation", 256)
-    trainer: str = _doc("trainer class: BasicTrainer", "BasicTrainer")
+    trainer: str = _doc("BasicTrainer (one process) or FSDPTrainer (torchrun processes, FSDP2)", "BasicTrainer")
     optimizer: str = _doc("name of a torch.optim optimizer class", "RMSprop")
     warmup_steps: int = _doc("optimizer steps of linear learning-rate warmup", 150)
     activation_checkpointing: bool = _doc("recompute activations in backward to save memory", False)
     eval_every: int = _doc("evaluate and save a checkpoint every this many training examples", 20_000)
     minimum_log_interval_secs: float = _doc("do not log training metrics more often than this", 1.0)
     resume: Optional[str] = _doc(
-        "continue a run: a run directory (its newest complete checkpoint) or a checkpoint directory", None
+        "continue a run: a run directory (its newest complete checkpoint), a checkpoint directory, or 'auto' "
+        "(the newest complete checkpoint of this run's directory if there is one, else start fresh)",
+        None,
     )
     resume_force: bool = _doc("resume even if model, loss or batch size differ from the saved run's config", False)
     checkpoint: CheckpointConfig = _doc("checkpoint durability and retention", factory=CheckpointConfig)
@@ -268,20 +284,21 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         "max_grad_norm",
         "checkpoint.keep_last",
         "checkpoint.keep_best",
+        "nproc",
     ):
         positive(key)
     for key in ("warmup_steps", "n_eval_model_samples", "minimum_log_interval_secs"):
         positive(key, allow_zero=True)
 
     if cfg.batch_size % (cfg.gradient_accumulation_steps * world_size) != 0:
-        what = "gradient_accumulation_steps" + (f" * world size ({world_size})" if world_size > 1 else "")
-        raise ConfigError(
-            f"config key 'batch_size' ({cfg.batch_size}) must be divisible by {what} "
-            f"({cfg.gradient_accumulation_steps * world_size})"
-        )
+        # each process takes batch_size / (gradient_accumulation_steps * processes) examples per micro-batch
+        what = f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps})"
+        if world_size > 1:
+            what += f" * processes ({world_size}) = {cfg.gradient_accumulation_steps * world_size}"
+        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by {what}")
     if cfg.eval_batch_size % world_size != 0:
         raise ConfigError(
-            f"config key 'eval_batch_size' ({cfg.eval_batch_size}) must be divisible by the world size ({world_size})"
+            f"config key 'eval_batch_size' ({cfg.eval_batch_size}) must be divisible by the number of processes ({world_size})"
         )
     if cfg.max_prompt_length >= cfg.max_length:
         raise ConfigError(
@@ -294,6 +311,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if cfg.trainer not in TRAINERS:
         raise ConfigError(
             f"config key 'trainer' is '{cfg.trainer}', which this version does not provide; use one of: {', '.join(TRAINERS)}"
+        )
+    if cfg.checkpoint.format not in CHECKPOINT_FORMATS:
+        raise ConfigError(
+            f"config key 'checkpoint.format' must be one of {', '.join(CHECKPOINT_FORMATS)}, got '{cfg.checkpoint.format}'"
         )
 
     import torch  # late: keep `--help` and config errors fast

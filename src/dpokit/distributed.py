@@ -2,18 +2,22 @@
 
 A `Distribution` decides how models are wrapped, how gradients are clipped, how per-example
 metrics are gathered and how state is collected for a checkpoint and put back. `SingleProcess`
-is the plain case (CPU or one CUDA device); the training loop does not change with it.
+is the plain case (CPU or one CUDA device); `FSDP2` shards the policy and the reference model
+per transformer block with PyTorch's `fully_shard` across the processes that torchrun started.
+The training loop is the same for both.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Protocol, cast
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn as nn
 
-from dpokit.errors import DpokitError
+from dpokit.errors import ConfigError, DpokitError
 
 # ============================================================================================
 # optimizer state: by parameter index (torch.optim's own form) or by parameter name (FSDP's)
@@ -27,6 +31,28 @@ def parameter_names(model: nn.Module) -> list[str]:
 
 def clean_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """{alias: name} for parameters that are one tensor under two names (e.g. GPT-2's lm_head.weight
+    is transformer.wte.weight)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[clean_name(name)] = first[id(param)]
+        else:
+            first[id(param)] = clean_name(name)
+    return aliases
+
+
+def share_tied(state: dict, aliases: dict[str, str]) -> dict:
+    """Make tied entries of a gathered state dict one tensor again, as `model.state_dict()` has
+    them (torch.save then stores it once)."""
+    for alias, name in aliases.items():
+        if alias in state and name in state:
+            state[alias] = state[name]
+    return state
 
 
 def optimizer_state_by_name(state: dict, names: Sequence[str]) -> dict:
@@ -84,6 +110,8 @@ class Distribution(Protocol):
     def load_full_optimizer_state_dict(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None
     ) -> None: ...
+    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict: ...
+    def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None: ...
 
 
 def default_device() -> torch.device:
@@ -148,3 +176,258 @@ class SingleProcess:
     ) -> None:
         assert state is not None
         optimizer.load_state_dict(optimizer_state_by_index(state, parameter_names(model)))
+
+    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        return _dcp_state(model, optimizer)
+
+    def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+        _dcp_load(model, optimizer, path)
+
+
+# ============================================================================================
+# many processes: FSDP2
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """The state Distributed Checkpoint saves: each process's shards, keyed by parameter name
+    (so any number of processes can load it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def _dcp_load(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def init_process_group() -> tuple[int, int]:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); returns (rank, world size)."""
+    if torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        # torchrun keeps one rendezvous store for all restarts of a job, and the process group's
+        # keys in it are not per attempt: a restarted process could read the address a dead one
+        # published and fail to connect. A prefix per attempt keeps each restart to its own keys.
+        store, rank, world_size = next(torch_dist.rendezvous("env://"))
+        store = torch_dist.PrefixStore(f"dpokit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        torch_dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    except (RuntimeError, ValueError) as err:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise DpokitError(
+            f"cannot start the {backend} process group at {where} "
+            f"(rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}): {str(err).splitlines()[0]}"
+        ) from None
+    return torch_dist.get_rank(), torch_dist.get_world_size()
+
+
+def block_classes(model: nn.Module) -> dict[str, type]:
+    """Classes that look like transformer blocks: the model's `_no_split_modules` and the
+    element classes of its ModuleLists of identical modules."""
+    found: dict[str, type] = {}
+    by_name = {type(m).__name__: type(m) for m in model.modules()}
+    for name in getattr(model, "_no_split_modules", None) or []:
+        if name in by_name:
+            found[name] = by_name[name]
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            found.setdefault(type(module[0]).__name__, type(module[0]))
+    return found
+
+
+def find_block_class(model: nn.Module, block_name: str | None) -> type:
+    """model.block_name's class (a name that matches no module of the model is refused, listing
+    the candidates); None: the class of the model's repeated decoder layers."""
+    candidates = block_classes(model)
+    if block_name is not None:
+        for module in model.modules():
+            if type(module).__name__ == block_name:
+                return type(module)
+        listed = ", ".join(candidates) or "none found"
+        raise ConfigError(
+            f"config key 'model.block_name' is '{block_name}', which is no module class of {type(model).__name__}; "
+            f"its transformer block classes: {listed}"
+        )
+    if not candidates:
+        raise ConfigError(
+            f"cannot tell the transformer block class of {type(model).__name__}; set model.block_name "
+            f"(e.g. GPT2Block, GPTNeoXLayer, LlamaDecoderLayer)"
+        )
+    # the repeated layers hold most of the parameters: prefer the class with most of them
+    sizes = {
+        name: sum(p.numel() for m in model.modules() if type(m) is cls for p in m.parameters())
+        for name, cls in candidates.items()
+    }
+    return candidates[max(sizes, key=lambda n: sizes[n])]
+
+
+class FSDP2:
+    """Every process holds a shard of each transformer block (and of the rest of the model):
+    PyTorch's FSDP2 `fully_shard`, per block, then the root."""
+
+    def __init__(
+        self,
+        block_name: str | None,
+        mixed_precision: str | None = None,
+        activation_checkpointing: bool = False,
+        log: Any = print,
+    ) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.rank, self.world_size = torch_dist.get_rank(), torch_dist.get_world_size()
+        self.device = default_device()
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.block_name, self.activation_checkpointing = block_name, activation_checkpointing
+        self.mixed_precision = getattr(torch, mixed_precision) if mixed_precision else None
+        self.log = log
+        self.block_class: type | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _shard(self, model: nn.Module, mp_policy: Any = None, checkpointing: bool = False) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.block_class is None:
+            self.block_class = find_block_class(model, self.block_name)
+            if self.block_name is None and self.is_main:
+                self.log(f"FSDP: sharding per {self.block_class.__name__} (set model.block_name to choose)")
+        block_class = self.block_class
+        model = model.to(self.device)
+        if checkpointing:
+            _wrap_blocks_for_checkpointing(model, block_class)
+        kwargs: dict[str, Any] = {"mesh": self.mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+        # one FSDP unit per block (the checkpoint wrapper around it, when there is one), then the root
+        is_unit = (lambda m: _wraps(m, block_class)) if checkpointing else (lambda m: isinstance(m, block_class))
+        for module in [m for m in model.modules() if is_unit(m)]:
+            fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def wrap_policy(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp = None
+        if self.mixed_precision is not None:
+            # compute in the low precision; gradients reduced and master weights kept in fp32
+            mp = MixedPrecisionPolicy(param_dtype=self.mixed_precision, reduce_dtype=torch.float32)
+        return self._shard(model, mp, self.activation_checkpointing)
+
+    def wrap_reference(self, model: nn.Module) -> nn.Module:
+        return self._shard(model)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return float(norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item())
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(values) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts) if values.dim() else torch.stack(parts)
+
+    def barrier(self) -> None:
+        torch_dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list:
+        out: list = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def generate_kwargs(self) -> dict:
+        # every process must run the same number of forward passes (each one all-gathers shards)
+        return {"synced_gpus": True}
+
+    @staticmethod
+    def _full_options(cpu_offload: bool = False, broadcast_from_rank0: bool = False) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(
+            full_state_dict=True, cpu_offload=cpu_offload, broadcast_from_rank0=broadcast_from_rank0
+        )
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=self._full_options(cpu_offload=True))
+        return share_tied(state, tied_parameters(model))
+
+    def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=self._full_options(cpu_offload=True))
+
+    def load_full_state_dict(self, model: nn.Module, state: dict | None) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state or {}, options=self._full_options(broadcast_from_rank0=True))
+
+    def load_full_optimizer_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None
+    ) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        state = optimizer_state_by_name(state, parameter_names(model)) if state else {}
+        set_optimizer_state_dict(model, optimizer, state, options=self._full_options(broadcast_from_rank0=True))
+
+    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        return _dcp_state(model, optimizer)
+
+    def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+        _dcp_load(model, optimizer, path)
+
+
+def _wraps(module: nn.Module, cls: type) -> bool:
+    inner = getattr(module, "_checkpoint_wrapped_module", None)
+    return inner is not None and isinstance(inner, cls)
+
+
+def _wrap_blocks_for_checkpointing(model: nn.Module, block_class: type) -> None:
+    """Recompute each block's activations in backward (PyTorch's non-reentrant checkpoint wrapper)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, block_class))
+
+
+def decided_by_main(decide: Any) -> Any:
+    """`decide()` on the main process; its result, or the user error it raised, on every process
+    (so all of them go on with the same decision, or all stop with the same sentence)."""
+    if not torch_dist.is_initialized():
+        return decide()
+    outcome: tuple[Any, DpokitError | None] = (None, None)
+    if torch_dist.get_rank() == 0:
+        try:
+            outcome = (decide(), None)
+        except DpokitError as err:
+            outcome = (None, err)
+    box = [outcome]
+    torch_dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -39,9 +39,11 @@ def run_guarded(fn: Callable[[], object], traceback_on: bool = False) -> int:
     try:
         result = fn()
     except DpokitError as err:
-        if traceback_on or os.environ.get("DPOKIT_TRACEBACK"):
-            traceback.print_exc()
-        print(f"dpokit: error: {err}", file=sys.stderr)
+        # under torchrun every process stops with the same error; the first one says it
+        if os.environ.get("RANK", "0") == "0":
+            if traceback_on or os.environ.get("DPOKIT_TRACEBACK"):
+                traceback.print_exc()
+            print(f"dpokit: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("dpokit: interrupted", file=sys.stderr)

@@ -32,7 +32,7 @@ def export_hf(ckpt: Path, out_dir: Path, model_name: str | None = None, force: b
     """
     from dpokit.models import check_state_dict_fits, load_model, load_tokenizer
 
-    policy_path = locate(ckpt, "export")
+    policy_path = locate(ckpt, "weights")
     base, tokenizer_name = (model_name, None) if model_name else base_model_of(policy_path)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -1,6 +1,6 @@
-"""The DPO reference's training loop (SFT, DPO, IPO): `BasicTrainer`.
+"""The DPO reference's training loop (SFT, DPO, IPO): `BasicTrainer` and `FSDPTrainer`.
 
-The loop: evaluate every `eval_every` examples (and save `step-{examples}` after each
+One loop for both: evaluate every `eval_every` examples (and save `step-{examples}` after each
 evaluation past the first example), one optimizer step per batch with gradient accumulation and
 clipping, logs no more often than `minimum_log_interval_secs`. How the models are placed,
 gradients clipped, metrics gathered and checkpoint state collected is the `Distribution`'s
@@ -28,7 +28,7 @@ from dpokit import losses
 from dpokit.checkpoint import Checkpointer, CheckpointSettings
 from dpokit.config import PREFERENCE_LOSSES
 from dpokit.data import BatchIterator, cache_dir_for, load_examples
-from dpokit.distributed import Distribution, SingleProcess
+from dpokit.distributed import FSDP2, Distribution, SingleProcess
 
 
 def rank0_print(*args: Any, rank: int = 0, **kwargs: Any) -> None:
@@ -167,7 +167,9 @@ class BasicTrainer:
     def concatenated_forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected through the model as one batch (one forward instead of two)."""
         cat = losses.concatenated_inputs(batch)
-        out = model(cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"])
+        # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
+        # under activation checkpointing
+        out = model(cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"], use_cache=False)
         logps = losses.batch_logps(float32_or_wider(out.logits), cat["concatenated_labels"])
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n], logps[n:]
@@ -194,7 +196,7 @@ class BasicTrainer:
             metrics[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
             metrics[f"logps_{split}/rejected"] = rejected_logps.detach()
         else:
-            out = self.policy(batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"])
+            out = self.policy(batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"], use_cache=False)
             chosen_logps = losses.batch_logps(float32_or_wider(out.logits), batch["chosen_labels"])
             per_example = losses.sft_loss(chosen_logps)
         metrics[f"logps_{split}/chosen"] = chosen_logps.detach()
@@ -406,4 +408,17 @@ class BasicTrainer:
         self.print(f"resumed from {ckpt_dir} at {self.example_counter} examples ({self.batch_counter} updates)")
 
 
-TRAINERS: dict[str, type[BasicTrainer]] = {"BasicTrainer": BasicTrainer}
+class FSDPTrainer(BasicTrainer):
+    """The reference's FSDPTrainer: the same loop with the policy and the reference model sharded
+    per transformer block by FSDP2 across the processes torchrun started."""
+
+    @staticmethod
+    def make_distribution(config: DictConfig, rank: int, world_size: int) -> Distribution:
+        return FSDP2(
+            config.model.block_name,
+            mixed_precision=config.model.fsdp_policy_mp,
+            activation_checkpointing=config.activation_checkpointing,
+        )
+
+
+TRAINERS: dict[str, type[BasicTrainer]] = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}

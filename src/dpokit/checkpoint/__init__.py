@@ -2,7 +2,8 @@
 
 - `storage`: where checkpoint directories live and how they appear atomically (staging,
   publish, the LATEST link, sweeping leftovers of killed saves)
-- `format`: what a checkpoint holds (contract files, trainer state, manifest) and verification
+- `format`: what a checkpoint holds (contract files, trainer state, manifest) and verification;
+  `sharded`: the Distributed Checkpoint layout and its consolidation
 - `discovery`: what a path given by a user is and which checkpoint it means
 - `retention`: which step directories to keep (plain logic)
 - `checkpointer`: the `Checkpointer`, the one owner of training state on disk
@@ -26,6 +27,7 @@ from dpokit.checkpoint.format import (
     TRAINER_STATE,
     CheckpointWriter,
     checksum_file,
+    is_sharded,
     load_payload,
     read_manifest,
     verify_dir,
@@ -52,6 +54,7 @@ __all__ = [
     "checkpoint_dirs",
     "checksum_file",
     "fsync_dir",
+    "is_sharded",
     "kind_of",
     "load_payload",
     "locate",

@@ -1,18 +1,21 @@
 """The Checkpointer: the one owner of training state on disk.
 
 It holds references to what a checkpoint is made of (policy, optimizer, scheduler and the
-trainer's own state) and alone decides how a save happens: which process collects and writes
-what, what a failed save does, and what is kept afterwards. The
+trainer's own state) and alone decides how a save happens: which processes collect and write
+what, in which layout (`full`: the reference's three files; `sharded`: every process writes its
+part with Distributed Checkpoint), what a failed save does, and what is kept afterwards. The
 training loop calls `save(step, metrics)` and `restore(path)` and knows nothing of files.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpokit.checkpoint import sharded
 from dpokit.checkpoint.discovery import step_dir_name
 from dpokit.checkpoint.format import (
     CONTRACT_FILES,
@@ -20,11 +23,14 @@ from dpokit.checkpoint.format import (
     POLICY,
     TRAINER_STATE,
     CheckpointWriter,
+    is_sharded,
     load_payload,
     manifest_files,
+    read_manifest,
 )
 from dpokit.checkpoint.retention import RetentionPolicy, apply_retention
-from dpokit.checkpoint.storage import LATEST, Storage
+from dpokit.checkpoint.storage import LATEST, STAGING_PREFIX, Storage
+from dpokit.distributed import tied_parameters
 from dpokit.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
     from dpokit.distributed import Distribution
 
 OPTIMIZER, SCHEDULER = CONTRACT_FILES[1], CONTRACT_FILES[2]
+FORMATS = ("full", "sharded")
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class CheckpointSettings:
     fsync: bool = True
     save_optimizer: bool = True
     on_error: str = "raise"
+    format: str = "full"
     retention: RetentionPolicy = RetentionPolicy()
 
     @classmethod
@@ -48,6 +56,7 @@ class CheckpointSettings:
             fsync=ck.fsync,
             save_optimizer=ck.save_optimizer,
             on_error=ck.on_error,
+            format=ck.format,
             retention=RetentionPolicy(ck.keep_last, ck.keep_best, ck.best_metric, ck.best_mode),
         )
 
@@ -100,7 +109,10 @@ class Checkpointer:
         target = Path(where) if where is not None else self.run_dir / (LATEST if final else step_dir_name(step))
         self.log(f"saving checkpoint to {target}...")
         try:
-            self._save_full(target, step, metrics)
+            if self.settings.format == "sharded":
+                self._save_sharded(target, step, metrics)
+            else:
+                self._save_full(target, step, metrics)
         except CheckpointError as err:
             if self.settings.on_error != "warn":
                 raise
@@ -124,18 +136,29 @@ class Checkpointer:
             error = self._publish(target, step, metrics, files)
         self._raise_if(self.dist.broadcast_object(error))
 
-    def _publish(self, target: Path, step: int, metrics: dict | None, files: dict) -> str | None:
+    def _publish(
+        self,
+        target: Path,
+        step: int,
+        metrics: dict | None,
+        files: dict,
+        records: dict | None = None,
+        staging: Path | None = None,
+        extra: dict | None = None,
+    ) -> str | None:
         """Write `files` into a staging directory, seal it with the manifest and publish it;
         returns the failure as one sentence, or None."""
         try:
-            staging = self.storage.stage(target.parent)
+            staging = staging or self.storage.stage(target.parent)
         except CheckpointError as err:
             return _failed(target, err)
         try:
             writer = CheckpointWriter(staging, self.settings.fsync)
             for filename, state in files.items():
                 writer.write(filename, step, state, metrics)
-            writer.seal(step, metrics, self.run_config)
+            for filename, record in (records or {}).items():
+                writer.record(filename, record)
+            writer.seal(step, metrics, self.run_config, extra)
             self.storage.commit(staging, target.name, target.parent)
         except CheckpointError as err:
             self.storage.discard(staging)
@@ -144,6 +167,41 @@ class Checkpointer:
             self.storage.discard(staging)
             raise
         return None
+
+    def _save_sharded(self, target: Path, step: int, metrics: dict | None) -> None:
+        # Every process writes its own part into one staging directory whose name the main
+        # process chooses; the manifest (with every process's file records) is written last.
+        name = self.dist.broadcast_object(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}" if self.dist.is_main else None)
+        staging = target.parent / name
+        error = None
+        if self.dist.is_main:
+            try:
+                self.storage.stage(target.parent, name)
+            except CheckpointError as err:
+                error = _failed(target, err)
+        self._raise_if(self.dist.broadcast_object(error))
+        state: dict = {}
+        try:
+            state = self.dist.sharded_state_dict(self.policy, self.optimizer if self.settings.save_optimizer else None)
+            mine = sharded.write(staging, state, self.dist.rank, self.settings.fsync)
+        except CheckpointError as err:
+            mine, error = {}, _failed(target, err)
+        except OSError as err:  # raised by the DCP writer as is
+            mine, error = {}, _failed(target, CheckpointError(f"{err.strerror or err}"))
+        outcomes = self.dist.all_gather_object((mine, error))
+        error = next((e for _, e in outcomes if e), None)
+        files = {}
+        if self.settings.save_optimizer:
+            files[SCHEDULER] = self.scheduler.state_dict()
+            files[TRAINER_STATE] = self.trainer_state()
+        if self.dist.is_main:
+            if error is not None:
+                self.storage.discard(staging)
+            else:
+                records = {k: v for recs, _ in outcomes for k, v in recs.items()}
+                layout = {"layout": "sharded", "sharded_state": sorted(state), "tied": tied_parameters(self.policy)}
+                error = self._publish(target, step, metrics, files, records, staging, layout)
+        self._raise_if(self.dist.broadcast_object(error))
 
     @staticmethod
     def _raise_if(error: str | None) -> None:
@@ -163,24 +221,33 @@ class Checkpointer:
     # -- restoring -------------------------------------------------------------------------
 
     def restore(self, ckpt_dir: str | Path) -> dict:
-        """Load policy, optimizer and scheduler state from a checkpoint; returns the trainer state
-        (counters, RNG, data position)."""
+        """Load policy, optimizer and scheduler state from a checkpoint (either layout, any
+        number of processes); returns the trainer state (counters, RNG, data position)."""
         from dpokit.models import check_state_dict_fits
 
         ckpt_dir = Path(ckpt_dir)
-        missing = [name for name in (OPTIMIZER, SCHEDULER, TRAINER_STATE) if not (ckpt_dir / name).is_file()]
+        manifest = read_manifest(ckpt_dir)
+        needed = (SCHEDULER, TRAINER_STATE) if is_sharded(manifest) else (OPTIMIZER, SCHEDULER, TRAINER_STATE)
+        missing = [
+            name for name in needed if name not in (manifest or {}).get("files", {}) and not (ckpt_dir / name).is_file()
+        ]
+        if is_sharded(manifest) and not sharded.has_optimizer(ckpt_dir):
+            missing.insert(0, OPTIMIZER)
         if missing:
             raise CheckpointError(
                 f"cannot resume from {ckpt_dir}: it has no {missing[0]} (saved with checkpoint.save_optimizer=false or by "
                 f"another tool); start a new run from its weights with model.archive={ckpt_dir} instead"
             )
-        policy = optimizer = None
-        if self.dist.is_main:
-            policy = load_payload(ckpt_dir / POLICY)["state"]
-            check_state_dict_fits(self.policy, policy, str(ckpt_dir / POLICY))
-            optimizer = load_payload(ckpt_dir / OPTIMIZER)["state"]
-        self.dist.load_full_state_dict(self.policy, policy)
-        self.dist.load_full_optimizer_state_dict(self.policy, self.optimizer, optimizer)
+        if is_sharded(manifest):
+            self.dist.load_sharded_state_dict(self.policy, self.optimizer, sharded.reader_path(ckpt_dir))
+        else:
+            policy = optimizer = None
+            if self.dist.is_main:
+                policy = load_payload(ckpt_dir / POLICY)["state"]
+                check_state_dict_fits(self.policy, policy, str(ckpt_dir / POLICY))
+                optimizer = load_payload(ckpt_dir / OPTIMIZER)["state"]
+            self.dist.load_full_state_dict(self.policy, policy)
+            self.dist.load_full_optimizer_state_dict(self.policy, self.optimizer, optimizer)
         self.scheduler.load_state_dict(load_payload(ckpt_dir / SCHEDULER)["state"])
         return load_payload(ckpt_dir / TRAINER_STATE)["state"]
 

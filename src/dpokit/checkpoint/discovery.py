@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from dpokit.checkpoint.format import POLICY, manifest_step, read_manifest, verify_dir
+from dpokit.checkpoint.format import POLICY, is_sharded, manifest_step, read_manifest, verify_dir
 from dpokit.checkpoint.storage import LATEST
 from dpokit.errors import CheckpointError
 
@@ -73,19 +73,19 @@ def newest_complete(run_dir: Path, checksums: bool = True, log: Callable[[str], 
     return None
 
 
-Purpose = Literal["archive", "resume", "export"]
+Purpose = Literal["archive", "resume", "weights"]
 
 
 def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = print) -> Path:
     """The checkpoint a user means by `path`.
 
-    archive / export: the `policy.pt` file to load (a file, a checkpoint directory, or a run
+    archive / weights: the `policy.pt` file to load (a file, a checkpoint directory, or a run
     directory's LATEST, else its newest complete checkpoint). resume: the checkpoint directory,
     verified (a run directory: its newest complete checkpoint).
     """
     p = Path(path).expanduser()
     kind = kind_of(p)
-    what = {"archive": "model.archive", "resume": "resume path", "export": "checkpoint"}[purpose]
+    what = {"archive": "model.archive", "resume": "resume path", "weights": "checkpoint"}[purpose]
     if kind is PathKind.MISSING:
         raise CheckpointError(f"{what} {p} does not exist")
     if purpose == "resume":
@@ -103,7 +103,7 @@ def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = prin
         return p
     if kind is PathKind.CHECKPOINT:
         return _policy_file(p, what)
-    if (p / LATEST / POLICY).is_file():
+    if (p / LATEST / POLICY).is_file() or is_sharded(_manifest_or_none(p / LATEST)):
         return _policy_file(p / LATEST, what)
     newest = newest_complete(p, checksums=False, log=log) if kind is PathKind.RUN else None
     if newest is not None:
@@ -121,6 +121,11 @@ def _manifest_or_none(ckpt_dir: Path) -> dict | None:
 def _policy_file(ckpt_dir: Path, what: str) -> Path:
     if (ckpt_dir / POLICY).is_file():
         return ckpt_dir / POLICY
+    if is_sharded(_manifest_or_none(ckpt_dir)):
+        raise CheckpointError(
+            f"{what} {ckpt_dir} is a sharded checkpoint (checkpoint.format=sharded), which has no policy.pt; "
+            f"turn it into one with: dpokit ckpt consolidate {ckpt_dir} OUT_DIR"
+        )
     raise CheckpointError(f"{what} {ckpt_dir} has no policy.pt")
 
 

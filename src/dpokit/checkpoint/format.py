@@ -194,6 +194,10 @@ def manifest_files(ckpt_dir: Path) -> dict[str, dict]:
         return {}
 
 
+def is_sharded(manifest: dict | None) -> bool:
+    return bool(manifest) and manifest.get("layout") == "sharded"  # type: ignore[union-attr]
+
+
 def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | None:
     """None if the directory is a complete checkpoint, else a one-line reason.
 
@@ -225,7 +229,7 @@ def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | Non
 
 def _verify_against_manifest(ckpt_dir: Path, manifest: dict, checksums: bool) -> str | None:
     files = manifest["files"]
-    if POLICY not in files:
+    if not is_sharded(manifest) and POLICY not in files:
         return f"{ckpt_dir / MANIFEST} lists no policy.pt"
     steps = {name: rec.get("step_idx") for name, rec in files.items() if name in CONTRACT_FILES}
     if len(set(steps.values())) > 1:

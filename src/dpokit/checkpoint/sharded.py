@@ -1,0 +1,105 @@
+"""The sharded layout (checkpoint.format=sharded): every process writes its own part of the
+policy and optimizer with PyTorch Distributed Checkpoint, so no process gathers the whole state.
+
+    step-N/sharded/.metadata, __0_0.distcp, __1_0.distcp, ...   (DCP's files, one per process)
+    step-N/scheduler.pt, trainer_state.pt, manifest.json         (as in the full layout)
+
+The manifest lists every shard with its size and checksum, so `verify` checks them all.
+`consolidate` turns such a directory into the reference's three-file contract on one process.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.checkpoint.format import (
+    CONTRACT_FILES,
+    POLICY,
+    TRAINER_STATE,
+    CheckpointWriter,
+    checksum_file,
+    is_sharded,
+    load_payload,
+    manifest_step,
+    read_manifest,
+)
+from dpokit.checkpoint.storage import FileRecord, Storage
+from dpokit.distributed import share_tied
+from dpokit.errors import CheckpointError
+
+SHARD_DIR = "sharded"
+METADATA = ".metadata"
+
+
+def write(staging: Path, state: dict, rank: int, fsync: bool = True) -> dict[str, FileRecord]:
+    """Write this process's part of `state` (every process calls it); returns the records of
+    the files this process wrote, for the manifest."""
+    import torch.distributed.checkpoint as dcp
+
+    out = staging / SHARD_DIR
+    out.mkdir(exist_ok=True)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(out), sync_files=fsync, single_file_per_rank=True))
+    mine = {}
+    for p in sorted(out.iterdir()):
+        if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name == METADATA):
+            # read back from the page cache right after writing: cheap, and spread over processes
+            mine[f"{SHARD_DIR}/{p.name}"] = FileRecord(p.stat().st_size, checksum_file(p))
+    return mine
+
+
+def reader_path(ckpt_dir: Path) -> str:
+    return str(ckpt_dir / SHARD_DIR)
+
+
+def has_optimizer(ckpt_dir: Path) -> bool:
+    manifest = read_manifest(ckpt_dir) or {}
+    return "optim" in manifest.get("sharded_state", [])
+
+
+def load_full(ckpt_dir: Path) -> dict[str, Any]:
+    """The whole state of a sharded checkpoint in this process's memory: {'model': ..., 'optim': ...}."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix=".consolidate-", dir=ckpt_dir.parent) as tmp:
+        path = Path(tmp) / "full.pt"
+        try:
+            dcp_to_torch_save(reader_path(ckpt_dir), path)
+        except Exception as err:  # DCP reports missing or damaged shards with many types
+            raise CheckpointError(f"cannot read the shards of {ckpt_dir}: {type(err).__name__}: {err}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def consolidate(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fsync: bool = True) -> Path:
+    """Write the reference's three-file checkpoint (plus trainer_state.pt and a manifest) from a
+    sharded one, on one process, without a process group; out_dir appears complete or not at all."""
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    manifest = read_manifest(ckpt_dir)
+    if not is_sharded(manifest):
+        raise CheckpointError(f"{ckpt_dir} is not a sharded checkpoint (it has no sharded manifest)")
+    assert manifest is not None
+    if out_dir.exists():
+        raise CheckpointError(f"output directory {out_dir} already exists")
+    step = manifest_step(ckpt_dir)
+    assert step is not None
+    full = load_full(ckpt_dir)
+    storage = Storage(out_dir.parent, fsync)
+    staging = storage.stage(out_dir.parent)
+    try:
+        writer = CheckpointWriter(staging, fsync)
+        metrics = manifest.get("metrics") or {}
+        writer.write(POLICY, step, share_tied(full["model"], manifest.get("tied") or {}), metrics)
+        if "optim" in full:
+            writer.write(CONTRACT_FILES[1], step, full["optim"], metrics)
+        for name in (CONTRACT_FILES[2], TRAINER_STATE):
+            if (ckpt_dir / name).is_file():
+                writer.write(name, step, load_payload(ckpt_dir / name)["state"], metrics)
+        writer.seal(step, metrics, manifest.get("config"), {"consolidated_from": str(ckpt_dir)})
+        return storage.commit(staging, out_dir.name, out_dir.parent)
+    except BaseException:
+        storage.discard(staging)
+        raise

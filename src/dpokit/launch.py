@@ -1,0 +1,58 @@
+"""`dpokit train trainer=FSDPTrainer ...` started without torchrun: dpokit starts the processes
+itself with PyTorch's elastic launcher (what torchrun runs), one per visible GPU, or
+`nproc` (default 2) on CPU, as the reference starts one worker per GPU. Under torchrun (or any
+launcher that sets its environment) nothing is launched: the process trains.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+from omegaconf import DictConfig
+
+from dpokit.errors import ConfigError
+
+
+def default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def launch(argv: list[str], cfg: DictConfig) -> int:
+    """Start torchrun's workers on this machine, each running `python -m dpokit.train argv`."""
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from dpokit.config import new_run_dir, validate
+
+    nproc = cfg.nproc or default_nproc()
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise ConfigError(f"config key 'nproc' is {nproc} but only {torch.cuda.device_count()} GPUs are visible")
+    validate(cfg, nproc)  # batch sizes must divide by the number of processes: say so before starting them
+    extra = []
+    if cfg.local_run_dir is None:  # every process must write into the same run directory
+        extra.append(f"local_run_dir={new_run_dir(cfg.exp_name, list(cfg.local_dirs))}")
+    # fsdp_port keeps the reference's meaning (the rendezvous port); without it torchrun's
+    # standalone rendezvous picks a free one
+    backend, endpoint = ("static", f"127.0.0.1:{cfg.fsdp_port}") if cfg.fsdp_port else ("c10d", "127.0.0.1:0")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        max_restarts=0,
+        rdzv_backend=backend,
+        rdzv_endpoint=endpoint,
+        rdzv_configs={"rank": 0} if backend == "static" else {},
+    )
+    print(f"dpokit: starting {nproc} processes (torchrun) for trainer=FSDPTrainer", flush=True)
+    try:
+        elastic_launch(config, sys.executable)("-m", "dpokit.train", *argv, *extra)
+    except ChildFailedError as err:
+        # each process has said why it stopped; report the first one's exit status
+        first = min(err.failures)
+        return err.failures[first].exitcode or 1
+    return 0
