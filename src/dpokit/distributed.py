@@ -9,9 +9,11 @@ The training loop is the same for both.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
-from typing import Any, Protocol, cast
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as torch_dist
@@ -126,9 +128,9 @@ class SingleProcess:
 
     rank, world_size = 0, 1
 
-    def __init__(self, activation_checkpointing: bool = False) -> None:
+    def __init__(self, activation_checkpointing: bool = False, block_name: str | None = None) -> None:
         self.device = default_device()
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing, self.block_name = activation_checkpointing, block_name
 
     @property
     def is_main(self) -> bool:
@@ -137,7 +139,7 @@ class SingleProcess:
     def wrap_policy(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         if self.activation_checkpointing:
-            cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _wrap_blocks_for_checkpointing(model, find_block_class(model, self.block_name))
         return model
 
     def wrap_reference(self, model: nn.Module) -> nn.Module:
@@ -204,9 +206,18 @@ def _dcp_load(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> 
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _dcp_state(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    with single_process_dcp_is_intended():
+        dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+@contextlib.contextmanager
+def single_process_dcp_is_intended() -> Iterator[None]:
+    """Distributed Checkpoint warns whenever it runs without a process group; one process is fine."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def launched_by_torchrun() -> bool:
@@ -428,6 +439,10 @@ def decided_by_main(decide: Any) -> Any:
     return result
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group; after a finished job, all together (a process that leaves while
+    another is still in a collective can abort at exit)."""
     if torch_dist.is_initialized():
+        if finished:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()

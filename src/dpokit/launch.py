@@ -6,6 +6,7 @@ launcher that sets its environment) nothing is launched: the process trains.
 
 from __future__ import annotations
 
+import logging
 import sys
 import uuid
 
@@ -26,12 +27,13 @@ def launch(argv: list[str], cfg: DictConfig) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from dpokit.config import new_run_dir, validate
+    from dpokit.config import new_run_dir
+    from dpokit.startup import preflight
 
     nproc = cfg.nproc or default_nproc()
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ConfigError(f"config key 'nproc' is {nproc} but only {torch.cuda.device_count()} GPUs are visible")
-    validate(cfg, nproc)  # batch sizes must divide by the number of processes: say so before starting them
+    preflight(cfg, nproc)  # e.g. batch sizes must divide by the number of processes: say so before starting them
     extra = []
     if cfg.local_run_dir is None:  # every process must write into the same run directory
         extra.append(f"local_run_dir={new_run_dir(cfg.exp_name, list(cfg.local_dirs))}")
@@ -49,10 +51,13 @@ def launch(argv: list[str], cfg: DictConfig) -> int:
         rdzv_configs={"rank": 0} if backend == "static" else {},
     )
     print(f"dpokit: starting {nproc} processes (torchrun) for trainer=FSDPTrainer", flush=True)
+    # The processes say why they stop (one sentence for a user error, a traceback for a bug);
+    # the launcher's own log of which process ended how would only repeat it.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, sys.executable)("-m", "dpokit.train", *argv, *extra)
     except ChildFailedError as err:
-        # each process has said why it stopped; report the first one's exit status
-        first = min(err.failures)
-        return err.failures[first].exitcode or 1
+        # the status of a process that stopped by itself (the others were stopped by the launcher)
+        own = [f.exitcode for f in err.failures.values() if f.exitcode > 0]
+        return min(own) if own else 1
     return 0

@@ -79,6 +79,19 @@ def load_model(
     return model
 
 
+def model_skeleton(name_or_path: str) -> torch.nn.Module:
+    """The model's modules without weights (on the meta device): its structure, cheaply."""
+    path = resolve_model_path(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise DpokitError(
+            f"cannot load model '{name_or_path}' (model.name_or_path): {str(err).splitlines()[0]}"
+        ) from None
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """DPO's log-ratios must be deterministic functions of the weights."""
     for module in model.modules():

@@ -90,16 +90,26 @@ def _plain(value):
     )
 
 
-def prepare(argv: list[str], world_size: int) -> tuple[DictConfig, Path | None]:
-    """Everything decided before any model is built: the validated config, the checkpoint to
-    resume from, and the run directory (created, with its config.yaml)."""
-    cfg, resume_dir = build_config(argv)
+def preflight(cfg: DictConfig, world_size: int) -> None:
+    """Refuse, before any process, directory or model weights exist, what would fail later."""
+    from dpokit.distributed import find_block_class
+    from dpokit.models import model_skeleton
+
     validate(cfg, world_size)
     if world_size > 1 and cfg.trainer == "BasicTrainer":
         raise ConfigError(
             f"config key 'trainer' is BasicTrainer, which runs one process, but {world_size} were started; "
             f"use trainer=FSDPTrainer"
         )
+    if cfg.trainer == "FSDPTrainer":
+        find_block_class(model_skeleton(cfg.model.name_or_path), cfg.model.block_name)
+
+
+def prepare(argv: list[str], world_size: int) -> tuple[DictConfig, Path | None]:
+    """Everything decided before any model is built: the validated config, the checkpoint to
+    resume from, and the run directory (created, with its config.yaml)."""
+    cfg, resume_dir = build_config(argv)
+    preflight(cfg, world_size)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         round_eval_every(cfg)

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.restore(resume_dir)
         trainer.train()
         trainer.save(None, trainer.final_metrics)
+        distributed.shutdown(finished=True)
     finally:
         distributed.shutdown()
 

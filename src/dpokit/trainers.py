@@ -79,7 +79,7 @@ class BasicTrainer:
 
     @staticmethod
     def make_distribution(config: DictConfig, rank: int, world_size: int) -> Distribution:
-        return SingleProcess(activation_checkpointing=config.activation_checkpointing)
+        return SingleProcess(config.activation_checkpointing, config.model.block_name)
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ from dpokit.checkpoint.format import (
     read_manifest,
 )
 from dpokit.checkpoint.storage import FileRecord, Storage
-from dpokit.distributed import share_tied
+from dpokit.distributed import share_tied, single_process_dcp_is_intended
 from dpokit.errors import CheckpointError
 
 SHARD_DIR = "sharded"
@@ -43,7 +43,8 @@ def write(staging: Path, state: dict, rank: int, fsync: bool = True) -> dict[str
 
     out = staging / SHARD_DIR
     out.mkdir(exist_ok=True)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(out), sync_files=fsync, single_file_per_rank=True))
+    with single_process_dcp_is_intended():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(out), sync_files=fsync, single_file_per_rank=True))
     mine = {}
     for p in sorted(out.iterdir()):
         if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name == METADATA):
