@@ -345,3 +345,76 @@ def test_bad_input_is_refused_before_any_process_or_directory(tmp_path, dpo_shar
     assert "consolidate" in _one_line_error(
         run_cli("ckpt", "diff", str(dpo_sharded / "step-8"), str(dpo_sharded / "LATEST"))
     )
+
+
+# ============================================================================================
+# the reference's own command lines
+
+
+def _meta_model(config):
+    import transformers
+
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def test_block_class_is_found_for_the_reference_architectures():
+    import transformers
+
+    from dpokit.distributed import find_block_class
+
+    small = {"vocab_size": 4096, "bos_token_id": 0, "eos_token_id": 0}
+    configs = {
+        "GPT2Block": transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, **small),
+        "GPTNeoXLayer": transformers.GPTNeoXConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, **small
+        ),
+        "LlamaDecoderLayer": transformers.LlamaConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, **small
+        ),
+        "GPTJBlock": transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=2, **small),
+    }
+    for block, config in configs.items():
+        model = _meta_model(config)
+        assert find_block_class(model, None).__name__ == block  # inferred
+        assert find_block_class(model, block).__name__ == block  # named, as the model groups do
+
+
+def test_reference_fsdp_command_lines_run(tmp_path):
+    """The reference README's pythia28 SFT then DPO lines, with a local (tiny) GPT-NeoX model
+    directory for the hub name, the bundled HH sample for the hub dataset and a short run."""
+    import transformers
+
+    from dpokit.models import resolve_model_path
+
+    model_dir = tmp_path / "pythia"
+    transformers.GPTNeoXConfig(
+        vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        max_position_embeddings=512, bos_token_id=0, eos_token_id=0,
+    ).save_pretrained(model_dir)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(resolve_model_path("tiny")) / name, model_dir / name)
+    common = [f"model.name_or_path={model_dir}", "datasets=[hh_sample]", "n_examples=64", "n_eval_examples=32",
+              f"local_dirs=[{tmp_path / 'runs'}]"]  # fmt: skip
+    reference_line = [
+        "model=pythia28",
+        "loss=sft",
+        "exp_name=anthropic_dpo_pythia28",
+        "gradient_accumulation_steps=2",
+        "batch_size=64",
+        "eval_batch_size=32",
+        "trainer=FSDPTrainer",
+        "sample_during_eval=false",
+        "model.fsdp_policy_mp=bfloat16",
+    ]
+    sft = run_cli("train", *reference_line, *common)
+    assert sft.returncode == 0, sft.stdout[-2000:] + sft.stderr[-2000:]
+    sft_run = next((tmp_path / "runs").glob("*/anthropic_dpo_pythia28_*"))
+    dpo_line = [a.replace("loss=sft", "loss=dpo") for a in reference_line] + [
+        "loss.beta=0.1", f"model.archive={sft_run}/LATEST/policy.pt"]  # fmt: skip
+    dpo = run_cli("train", *dpo_line, *common)
+    assert dpo.returncode == 0, dpo.stdout[-2000:] + dpo.stderr[-2000:]
+    assert "loading pre-trained weights at step 64" in dpo.stdout
+    first_eval = next(m for m in metrics_log(next(p for p in (tmp_path / "runs").glob("*/anthropic_*") if p != sft_run))
+                      if "loss/eval" in m)  # fmt: skip
+    assert first_eval["loss/eval"] == pytest.approx(0.6931471805599453, abs=1e-3)  # policy == reference == SFT
