@@ -1,23 +1,34 @@
-# The README's two commands. Both create .venv and install what they need (torch pinned first).
+# The README's two commands. Both create .venv and install what they need (torch pinned first,
+# every other package at the version in constraints.txt).
 PY := .venv/bin/python
 DEMO_DIR ?= runs/demo
 # Bundled default: tiny model + bundled HH data, SFT then DPO seeded from the SFT result.
 DEMO_ARGS ?= n_examples=1024 eval_every=512 n_eval_examples=128 max_length=256 max_prompt_length=128 \
              warmup_steps=20 batch_size=8 eval_batch_size=16 n_eval_model_samples=16
+CODE := src tests benchmarks scripts
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint lock install install-dev clean
 
 install:
 	bash scripts/setup_venv.sh
 
-install-test:
-	bash scripts/setup_venv.sh test
+install-dev:
+	bash scripts/setup_venv.sh test,lint
 
 demo: install
 	bash scripts/demo.sh $(DEMO_DIR) $(DEMO_ARGS)
 
-test: install-test
+test: install-dev
 	$(PY) -m pytest -q tests
+
+lint: install-dev
+	.venv/bin/ruff check $(CODE)
+	.venv/bin/ruff format --check $(CODE)
+	.venv/bin/mypy
+
+# Re-resolve every dependency in a fresh virtualenv and rewrite constraints.txt.
+lock:
+	bash scripts/lock.sh
 
 clean:
 	rm -rf .venv runs build src/*.egg-info

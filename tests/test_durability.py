@@ -15,11 +15,15 @@ from dpokit.train import main
 
 
 def test_kill_during_save_leaves_every_checkpoint_complete(tmp_path):
+    """SIGKILL at moments found by watching the run directory (inside saves, inside saves of
+    LATEST, between steps): every checkpoint directory verifies after every kill, and LATEST,
+    once published, never goes missing."""
     report = crash_run(tmp_path, kills=8, seed=1)
-    assert report.kills == 8
     assert report.bad == []
+    assert report.kills >= 8
     assert report.latest_published
     assert report.mid_save >= 3  # the kills really landed inside saves, not only between steps
+    assert report.in_final_save >= 1  # and inside a save that replaces LATEST
 
 
 def _limit_file_size():

@@ -142,6 +142,7 @@ class Config:
     n_examples: Optional[int] = _doc("training examples to train for (null: n_epochs decides)", None)
     n_eval_examples: int = _doc("examples in each evaluation", 256)
     trainer: str = _doc("BasicTrainer (one process) or FSDPTrainer (torchrun processes, FSDP2)", "BasicTrainer")
+    device: str = _doc("auto (a CUDA device when there is one, else the CPU), cuda or cpu", "auto")
     optimizer: str = _doc("name of a torch.optim optimizer class", "RMSprop")
     warmup_steps: int = _doc("optimizer steps of linear learning-rate warmup", 150)
     activation_checkpointing: bool = _doc("recompute activations in backward to save memory", False)
@@ -312,12 +313,17 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(
             f"config key 'trainer' is '{cfg.trainer}', which this version does not provide; use one of: {', '.join(TRAINERS)}"
         )
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"config key 'device' must be auto, cpu or cuda, got '{cfg.device}'")
     if cfg.checkpoint.format not in CHECKPOINT_FORMATS:
         raise ConfigError(
             f"config key 'checkpoint.format' must be one of {', '.join(CHECKPOINT_FORMATS)}, got '{cfg.checkpoint.format}'"
         )
 
     import torch  # late: keep `--help` and config errors fast
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' is cuda but PyTorch sees no CUDA device on this machine")
 
     if not isinstance(getattr(torch.optim, cfg.optimizer, None), type):
         raise ConfigError(

@@ -116,10 +116,11 @@ class Distribution(Protocol):
     def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None: ...
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def resolve_device(name: str = "auto") -> torch.device:
+    """config key `device`: auto is this process's CUDA device when there is one, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 class SingleProcess:
@@ -128,8 +129,10 @@ class SingleProcess:
 
     rank, world_size = 0, 1
 
-    def __init__(self, activation_checkpointing: bool = False, block_name: str | None = None) -> None:
-        self.device = default_device()
+    def __init__(
+        self, activation_checkpointing: bool = False, block_name: str | None = None, device: str = "auto"
+    ) -> None:
+        self.device = resolve_device(device)
         self.activation_checkpointing, self.block_name = activation_checkpointing, block_name
 
     @property
@@ -225,12 +228,14 @@ def launched_by_torchrun() -> bool:
 
 
 def init_process_group() -> tuple[int, int]:
-    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); returns (rank, world size)."""
+    """Join the process group torchrun set up; returns (rank, world size). Collectives on CUDA
+    tensors go through NCCL, on CPU tensors through gloo (device=cpu on a GPU machine works too)."""
     if torch_dist.is_initialized():
         return torch_dist.get_rank(), torch_dist.get_world_size()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "cpu:gloo,cuda:nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     try:
         # torchrun keeps one rendezvous store for all restarts of a job, and the process group's
         # keys in it are not per attempt: a restarted process could read the address a dead one
@@ -296,12 +301,13 @@ class FSDP2:
         block_name: str | None,
         mixed_precision: str | None = None,
         activation_checkpointing: bool = False,
+        device: str = "auto",
         log: Any = print,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         self.rank, self.world_size = torch_dist.get_rank(), torch_dist.get_world_size()
-        self.device = default_device()
+        self.device = resolve_device(device)
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         self.block_name, self.activation_checkpointing = block_name, activation_checkpointing
         self.mixed_precision = getattr(torch, mixed_precision) if mixed_precision else None

@@ -15,10 +15,10 @@ from omegaconf import DictConfig
 from dpokit.errors import ConfigError
 
 
-def default_nproc() -> int:
+def default_nproc(device: str) -> int:
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+    return torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 2
 
 
 def launch(argv: list[str], cfg: DictConfig) -> int:
@@ -30,8 +30,8 @@ def launch(argv: list[str], cfg: DictConfig) -> int:
     from dpokit.config import new_run_dir
     from dpokit.startup import preflight
 
-    nproc = cfg.nproc or default_nproc()
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+    nproc = cfg.nproc or default_nproc(cfg.device)
+    if cfg.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ConfigError(f"config key 'nproc' is {nproc} but only {torch.cuda.device_count()} GPUs are visible")
     preflight(cfg, nproc)  # e.g. batch sizes must divide by the number of processes: say so before starting them
     extra = []

@@ -79,7 +79,7 @@ class BasicTrainer:
 
     @staticmethod
     def make_distribution(config: DictConfig, rank: int, world_size: int) -> Distribution:
-        return SingleProcess(config.activation_checkpointing, config.model.block_name)
+        return SingleProcess(config.activation_checkpointing, config.model.block_name, config.device)
 
     def __init__(
         self,
@@ -418,6 +418,7 @@ class FSDPTrainer(BasicTrainer):
             config.model.block_name,
             mixed_precision=config.model.fsdp_policy_mp,
             activation_checkpointing=config.activation_checkpointing,
+            device=config.device,
         )
 
 
