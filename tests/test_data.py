@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.data import (
-    BatchIterator,
-    Example,
-    collate,
-    extract_anthropic_prompt,
-    get_dataset,
-    load_examples,
-    tokenize_element,
-)
+from dpokit.data import BatchIterator, Example, collate, load_examples, tokenize_element
 from dpokit.errors import DataError
 from dpokit.models import load_tokenizer
+from dpokit.sources import extract_anthropic_prompt, get_dataset
 
 EOS_TEXT = "<|endoftext|>"
 
@@ -138,9 +131,9 @@ def test_eos_text_in_batch_iterator_names_dataset(tok):
         )
         for i in range(2)
     ]
-    it = BatchIterator(examples, tok, batch_size=2, max_length=64, max_prompt_length=32, sft_mode=False, n_epochs=1)
+    # items are tokenized when the iterator is made, before any training step
     with pytest.raises(DataError, match="hh:/data/x.jsonl"):
-        next(iter(it))
+        BatchIterator(examples, tok, batch_size=2, max_length=64, max_prompt_length=32, sft_mode=False, n_epochs=1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -319,9 +319,12 @@ def test_bf16_mixed_precision_with_sampling(root):
              "sample_during_eval=true", "n_eval_model_samples=4")  # fmt: skip
     state = policy(run)
     assert all(t.dtype == torch.float32 for t in state.values())  # master weights stay fp32
-    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    assert [len(s["policy"]) for s in samples] == [4, 4]  # 4 prompts, from both processes, at 0 and at the end
-    assert all(len(s["reference"]) == 4 for s in samples)
+    for step in (0, 8):  # at the first eval and the last
+        samples = [json.loads(line) for line in (run / "samples" / f"step-{step}.jsonl").read_text().splitlines()]
+        assert len(samples) == 4  # 4 prompts, 2 sampled by each process
+        # each sample is the (possibly truncated) prompt and its continuation, as the reference decodes it
+        assert all(s["prompt"].endswith("\n\nAssistant:") and "Assistant:" in s["policy"] for s in samples)
+        assert all(isinstance(s["reference"], str) for s in samples)
     assert all(torch.isfinite(t).all() for t in state.values())
 
 

@@ -57,14 +57,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
     full = main(common)
     full_dir = Path(full["run_dir"])
     resumed_dir = _interrupted_copy(full_dir, tmp_path / "resumed_run", keep="step-8")
-    n_lines_before = len(metrics_log(resumed_dir))
 
     resumed = main([*common, f"resume={resumed_dir}"])
 
     assert Path(resumed["run_dir"]) == resumed_dir  # writes into the same run directory
-    after_resume = metrics_log(resumed_dir)[n_lines_before:]
+    # the copy held the full run's records; those past step 8 were dropped when it resumed, so the
+    # records after 8 are the resumed run's own, and the log never goes backwards
+    log = metrics_log(resumed_dir)
+    assert [m["step"] for m in log] == sorted(m["step"] for m in log)
+    after_resume = [(s, loss) for s, loss in _train_losses(log) if s > 8]
     expected = [(s, loss) for s, loss in _train_losses(metrics_log(full_dir)) if s > 8]
-    assert _train_losses(after_resume) == expected and len(expected) == 5  # steps 12..28, exact floats
+    assert after_resume == expected and len(expected) == 5  # steps 12..28, exact floats
     a = torch.load(full_dir / "LATEST" / "policy.pt", weights_only=True)
     b = torch.load(resumed_dir / "LATEST" / "policy.pt", weights_only=True)
     assert a["step_idx"] == b["step_idx"] == 28

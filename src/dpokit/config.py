@@ -13,6 +13,7 @@ The command line is the DPO reference's (Hydra style), e.g.::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import getpass
 import os
 import warnings
@@ -25,7 +26,7 @@ from typing import Any, Optional, cast
 import omegaconf
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from dpokit.errors import ConfigError
+from dpokit.errors import ConfigError, DpokitError
 
 GROUPS = ("model", "loss")
 DEFAULT_GROUPS = {"model": "tiny", "loss": "sft"}
@@ -91,6 +92,25 @@ class WandbConfig:
 
 
 @dataclass
+class TensorboardConfig:
+    enabled: bool = _doc(
+        "also log metrics to TensorBoard event files in {run_dir}/tensorboard (needs tensorboard)", False
+    )
+
+
+@dataclass
+class DataConfig:
+    on_bad_row: str = _doc(
+        "rows with an empty response, chosen equal to rejected, a prompt that differs between chosen and rejected, "
+        "a missing field or a prompt longer than max_length: 'error' refuses the dataset naming them, 'skip' trains "
+        "without them (both report how many); 'auto' refuses them in your own files and skips them in the named "
+        "datasets (hh, shp, se, hh_sample), whose rows you cannot fix",
+        "auto",
+    )
+    cache: bool = _doc("keep tokenized datasets on disk, keyed by content, tokenizer and lengths", True)
+
+
+@dataclass
 class CheckpointConfig:
     fsync: bool = _doc("fsync files and directories when saving (durability against power loss)", True)
     save_optimizer: bool = _doc("also write optimizer.pt and scheduler.pt (needed to resume)", True)
@@ -102,6 +122,10 @@ class CheckpointConfig:
     format: str = _doc(
         "'full': the reference's policy.pt/optimizer.pt/scheduler.pt; 'sharded': every process writes its part (FSDP)",
         "full",
+    )
+    on_interrupt: str = _doc(
+        "on Ctrl-C or SIGTERM: 'stop' after the current step, 'save' a checkpoint first (both name the resume command)",
+        "stop",
     )
 
 
@@ -125,6 +149,8 @@ class Config:
         factory=lambda: ["hh_sample"],
     )
     wandb: WandbConfig = _doc("Weights & Biases logging", factory=WandbConfig)
+    tensorboard: TensorboardConfig = _doc("TensorBoard logging", factory=TensorboardConfig)
+    data: DataConfig = _doc("dataset checks and caching", factory=DataConfig)
     local_dirs: list[str] = _doc(
         "the first of these that exists holds run directories and caches (the last is created if none does)",
         factory=lambda: ["/scr-ssd", "/scr", ".cache"],
@@ -174,7 +200,10 @@ def group_options(group: str) -> list[str]:
 def _load_group(group: str, name: str) -> DictConfig:
     options = group_options(group)
     if name not in options:
-        raise ConfigError(f"unknown {group} config '{name}' for key '{group}'; choose one of: {', '.join(options)}")
+        raise ConfigError(
+            f"unknown {group} config '{name}' for key '{group}'{did_you_mean(name, options)} "
+            f"(choose one of: {', '.join(options)})"
+        )
     raw = OmegaConf.load(_conf_dir() / group / f"{name}.yaml")
     assert isinstance(raw, DictConfig), f"{group}/{name}.yaml is not a mapping"
     schema = ModelConfig if group == "model" else LOSS_SCHEMAS.get(str(raw.get("name")), SFTLossConfig)
@@ -185,12 +214,27 @@ def _load_group(group: str, name: str) -> DictConfig:
 # parsing
 
 
+def all_keys() -> list[str]:
+    """Every settable key, dotted (model.* and loss.* of every group)."""
+    keys = [row[0] for row in _schema_lines(Config) if row[0] not in GROUPS]
+    keys += [row[0] for row in _schema_lines(ModelConfig, "model.")]
+    for schema in LOSS_SCHEMAS.values():
+        keys += [row[0] for row in _schema_lines(schema, "loss.") if row[0] not in keys]
+    return keys + list(GROUPS)
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _explain(err: omegaconf.errors.OmegaConfBaseException, groups: dict[str, str]) -> str:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, (omegaconf.errors.ConfigAttributeError, omegaconf.errors.ConfigKeyError)):
         group = key.split(".")[0]
         where = f" for {group}={groups[group]}" if group in groups and "." in key else ""
-        return f"unknown config key '{key}'{where} (run 'dpokit train --help' for the list of keys)"
+        hint = did_you_mean(key, all_keys()) or " (run 'dpokit train --help' for the list of keys)"
+        return f"unknown config key '{key}'{where}{hint}"
     if isinstance(err, omegaconf.errors.ValidationError):
         value = getattr(err, "value", None)
         msg = getattr(err, "msg", str(err)).split("\n")[0]
@@ -315,6 +359,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         )
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"config key 'device' must be auto, cpu or cuda, got '{cfg.device}'")
+    for key, allowed in (("data.on_bad_row", ("auto", "error", "skip")), ("checkpoint.on_interrupt", ("stop", "save"))):
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}' must be {' or '.join(allowed)}, got '{OmegaConf.select(cfg, key)}'")
     if cfg.checkpoint.format not in CHECKPOINT_FORMATS:
         raise ConfigError(
             f"config key 'checkpoint.format' must be one of {', '.join(CHECKPOINT_FORMATS)}, got '{cfg.checkpoint.format}'"
@@ -353,6 +400,14 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             raise ConfigError(
                 "config key 'wandb.enabled' is true but the wandb package is not installed (pip install wandb)"
             ) from None
+    if cfg.tensorboard.enabled:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "config key 'tensorboard.enabled' is true but the tensorboard package is not installed "
+                "(pip install tensorboard)"
+            ) from None
 
 
 def round_eval_every(cfg: DictConfig) -> None:
@@ -378,12 +433,31 @@ def _user() -> str:
 
 
 def get_local_dir(local_dirs: list[str]) -> str:
-    """`{first existing of local_dirs}/{user}`; the last one is created if none exists."""
+    """`{first existing of local_dirs}/{user}` (the last one if none exists; it is created with
+    the first run directory)."""
     for prefix in local_dirs:
         if os.path.exists(prefix):
             return os.path.join(prefix, _user())
-    os.makedirs(local_dirs[-1], exist_ok=True)
     return os.path.join(local_dirs[-1], _user())
+
+
+def check_writable(path: str, key: str) -> None:
+    """Refuse, in one sentence naming the key, a directory that cannot be created or written
+    (a file in the way, a read-only or special filesystem). Leaves nothing behind."""
+    import tempfile
+
+    target = Path(path).absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"config key '{key}': {probe} is a file, so the directory {target} cannot be made")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dpokit-probe-", dir=probe))
+    except OSError as err:
+        raise ConfigError(
+            f"config key '{key}': cannot write in {probe} (for {target}): {err.strerror or err}"
+        ) from None
 
 
 def new_run_dir(exp_name: str, local_dirs: list[str]) -> str:
@@ -394,8 +468,13 @@ def new_run_dir(exp_name: str, local_dirs: list[str]) -> str:
 def save_config(cfg: DictConfig, run_dir: str) -> None:
     from dpokit.checkpoint import atomic_write_bytes
 
-    os.makedirs(run_dir, exist_ok=True)
-    atomic_write_bytes(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg).encode())
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg).encode())
+    except (OSError, DpokitError) as err:
+        key = "local_run_dir" if cfg.local_run_dir else "local_dirs"
+        reason = err.strerror if isinstance(err, OSError) else str(err)
+        raise ConfigError(f"config key '{key}': cannot write the run directory {run_dir}: {reason or err}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,22 +1,19 @@
-"""Preference data: datasets -> prompts with responses and pairs -> token batches.
+"""Preference data: prompt tables -> examples -> token batches.
 
 Each dataset maps a prompt to `{responses, pairs, sft_target}` (pairs are (preferred,
-dispreferred) indices into responses), as in the DPO reference. Batches are built lazily from a
-seeded, per-epoch permutation, so the position in the stream is just "batches consumed" and a
-resumed run can skip ahead without tokenizing what it skips.
+dispreferred) indices into responses), as in the DPO reference (`dpokit.sources` reads them).
+Batches are built lazily from a seeded, per-epoch permutation, so the position in the stream is
+just "batches consumed" and a resumed run can skip ahead without tokenizing what it skips.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import html.parser
 import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +22,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from dpokit.errors import DataError
-
-ASSISTANT = "\n\nAssistant:"
-HH_HUB_NAME = "Anthropic/hh-rlhf"
-BUNDLED = {"hh_sample": "assets/hh_sample/harmless-base-test.jsonl.gz"}
-TEST_FRACTION_BUCKETS = 10  # single-file datasets: 1 prompt in 10 goes to the test split
+from dpokit.progress import bar as progress_bar
+from dpokit.sources import ChatRenderer, get_dataset, parse_spec
 
 
 @dataclass
@@ -38,231 +32,23 @@ class Example:
     responses: list[str]
     pairs: list[tuple[int, int]]
     sft_target: str
-    truncation_mode: str  # keep_end (hh: the end of a dialogue matters) or keep_start
+    truncation_mode: str  # keep_end (dialogues: their end matters) or keep_start
     source: str
 
 
-PromptTable = dict[str, dict]
-
-
-# --------------------------------------------------------------------------------------------
-# HH (Anthropic helpful-harmless) in the hub's schema: one JSON object per line, {chosen, rejected}
-
-
-def extract_anthropic_prompt(dialogue: str) -> str:
-    """The prompt is the dialogue up to and including the last '\\n\\nAssistant:'."""
-    idx = dialogue.rfind(ASSISTANT)
-    if idx == -1:
-        raise ValueError(f"no '{ASSISTANT.strip()}' turn in the dialogue")
-    return dialogue[: idx + len(ASSISTANT)]
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def read_hh_file(path: Path) -> Iterator[tuple[str, str, str]]:
-    """Yield (prompt, chosen_response, rejected_response) for each line; bad lines name file and line."""
-    try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno})"
-                    ) from None
-                if (
-                    not isinstance(row, dict)
-                    or not isinstance(row.get("chosen"), str)
-                    or not isinstance(row.get("rejected"), str)
-                ):
-                    raise DataError(
-                        f"{path}, line {lineno}: expected an object with string fields 'chosen' and 'rejected'"
-                    )
-                try:
-                    prompt = extract_anthropic_prompt(row["chosen"])
-                except ValueError as err:
-                    raise DataError(f"{path}, line {lineno}: 'chosen' has {err}") from None
-                yield prompt, row["chosen"][len(prompt) :], row["rejected"][len(prompt) :]
-    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as err:
-        raise DataError(f"{path}: cannot read the file ({err})") from None
-
-
-def _is_test_prompt(prompt: str) -> bool:
-    return hashlib.sha1(prompt.encode()).digest()[0] % TEST_FRACTION_BUCKETS == 0
-
-
-def hh_table(rows: Iterator[tuple[str, str, str]]) -> PromptTable:
-    data: PromptTable = {}
-    for prompt, chosen, rejected in rows:
-        entry = data.setdefault(prompt, {"responses": [], "pairs": [], "sft_target": chosen})
-        n = len(entry["responses"])
-        entry["pairs"].append((n, n + 1))
-        entry["responses"].extend([chosen, rejected])
-        entry["sft_target"] = chosen
-    return data
-
-
-def get_hh_local(path: str, split: str) -> PromptTable:
-    """HH from a local copy in the hub's schema.
-
-    A directory holds `{split}.jsonl[.gz]` files (at its top or in subset folders such as
-    `harmless-base/`, all of which are used, as the hub's default config does). A single file has
-    no splits: its prompts are divided deterministically, one in ten (by hash) to 'test'.
-    """
-    root = Path(path).expanduser()
-    if root.is_dir():
-        files = sorted(p for p in root.rglob(f"{split}.jsonl*") if p.name in (f"{split}.jsonl", f"{split}.jsonl.gz"))
-        if not files:
-            raise DataError(f"dataset directory {root} has no {split}.jsonl or {split}.jsonl.gz (hub layout expected)")
-        return hh_table(itertools.chain.from_iterable(read_hh_file(f) for f in files))
-    if root.is_file():
-        want_test = split == "test"
-        return hh_table(row for row in read_hh_file(root) if _is_test_prompt(row[0]) == want_test)
-    raise DataError(f"dataset path {root} does not exist")
-
-
-def get_hh_hub(split: str, cache_dir: str | None) -> PromptTable:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(HH_HUB_NAME, split=split, cache_dir=cache_dir)
-    except Exception as err:  # the datasets library raises many types for "not reachable"
-        raise DataError(
-            f"cannot load dataset 'hh' ({HH_HUB_NAME}, split {split}) from the hub: "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
-            f"for a local copy use datasets=[hh:PATH]"
-        ) from None
-
-    def split_rows():
-        for i, row in enumerate(rows):
-            try:
-                prompt = extract_anthropic_prompt(row["chosen"])
-            except ValueError as err:
-                raise DataError(f"{HH_HUB_NAME} {split} row {i}: 'chosen' has {err}") from None
-            yield prompt, row["chosen"][len(prompt) :], row["rejected"][len(prompt) :]
-
-    return hh_table(split_rows())
-
-
-def get_hh_sample(split: str) -> PromptTable:
-    return get_hh_local(str(resources.files("dpokit") / BUNDLED["hh_sample"]), split)
-
-
-# --------------------------------------------------------------------------------------------
-# SHP and StackExchange (hub only), with the reference's rules
-
-
-def get_shp(split: str, cache_dir: str | None) -> PromptTable:
-    """Stanford Human Preferences; keeps pairs whose score ratio is at least 2."""
-    rows = _load_hub("shp", "stanfordnlp/SHP", split, cache_dir)
-    data: PromptTable = {}
-    for row in rows:
-        scores = [row["score_A"], row["score_B"]]
-        if max(scores[0] / scores[1], scores[1] / scores[0]) < 2:
-            continue
-        prompt = "\n\nHuman: " + row["history"] + ASSISTANT
-        entry = data.setdefault(prompt, {"responses": [], "pairs": [], "scores": []})
-        n = len(entry["responses"])
-        entry["pairs"].append((n, n + 1) if row["labels"] == 1 else (n + 1, n))
-        entry["responses"].extend([" " + row["human_ref_A"], " " + row["human_ref_B"]])
-        entry["scores"].extend(scores)
-    for entry in data.values():
-        best = max(range(len(entry["responses"])), key=lambda i: entry["scores"][i])
-        entry["sft_target"] = entry["responses"][best]
-        del entry["scores"]
-    return data
-
-
-class _TextAndCode(html.parser.HTMLParser):
-    """Paragraph text plus <code> blocks, as the reference keeps from StackExchange answers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._stack: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self._stack.append(tag)
-        if tag in ("p", "code") and (tag == "code" or "code" not in self._stack[:-1]):
-            self.parts.append("<code>" if tag == "code" else "")
-
-    def handle_endtag(self, tag):
-        if tag == "code" and self.parts:
-            self.parts[-1] += "</code>"
-        if self._stack and self._stack[-1] == tag:
-            self._stack.pop()
-
-    def handle_data(self, data):
-        if self.parts and self._stack and self._stack[-1] in ("p", "code"):
-            self.parts[-1] += data
-
-
-def strip_html(text: str) -> str:
-    parser = _TextAndCode()
-    parser.feed(text)
-    return "\n\n".join(p for p in parser.parts if p)
-
-
-def get_se(split: str, cache_dir: str | None) -> PromptTable:
-    """StackExchange preferences; 1% (seeded shuffle) is the test split; pairs ordered by score."""
-    rows = _load_hub("se", "HuggingFaceH4/stack-exchange-preferences", "train", cache_dir)
-    rows = rows.shuffle(seed=42)
-    n_test = int(len(rows) * 0.01)
-    rows = rows.select(range(n_test)) if split == "test" else rows.select(range(n_test, len(rows)))
-    data: PromptTable = {}
-    for row in rows:
-        prompt = "\n\nHuman: " + strip_html(row["question"]) + ASSISTANT
-        responses = [" " + strip_html(a["text"]) for a in row["answers"]]
-        scores = [a["pm_score"] for a in row["answers"]]
-        pairs = [
-            (i, j) if scores[i] > scores[j] else (j, i)
-            for i in range(len(responses))
-            for j in range(i + 1, len(responses))
-        ]
-        best = max(range(len(responses)), key=lambda i: scores[i])
-        data[prompt] = {"responses": responses, "pairs": pairs, "sft_target": responses[best]}
-    return data
-
-
-def _load_hub(name: str, hub_name: str, split: str, cache_dir: str | None):
-    import datasets
-
-    try:
-        return datasets.load_dataset(hub_name, split=split, cache_dir=cache_dir)
-    except Exception as err:
-        raise DataError(
-            f"cannot load dataset '{name}' ({hub_name}, split {split}) from the hub: "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from None
-
-
-def get_dataset(name: str, split: str, cache_dir: str | None = None) -> PromptTable:
-    """Load one dataset by name: hh, shp, se, hh_sample, or hh:PATH (local HH-format data)."""
-    if name.startswith("hh:"):
-        return get_hh_local(name[3:], split)
-    loaders: dict[str, Callable[[], PromptTable]] = {
-        "hh": lambda: get_hh_hub(split, cache_dir),
-        "hh_sample": lambda: get_hh_sample(split),
-        "shp": lambda: get_shp(split, cache_dir),
-        "se": lambda: get_se(split, cache_dir),
-    }
-    if name not in loaders:
-        raise DataError(
-            f"unknown dataset '{name}' in config key 'datasets'; "
-            f"known: {', '.join(loaders)}, or hh:PATH for a local HH-format file or directory"
-        )
-    return loaders[name]()
-
-
-def load_examples(names: list[str], split: str, cache_dir: str | None = None) -> list[Example]:
+def load_examples(
+    names: list[str],
+    split: str,
+    cache_dir: str | None = None,
+    on_bad_row: str = "auto",
+    render: ChatRenderer | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Example]:
+    """The examples of every dataset named in config key `datasets`, mixed as in the reference."""
     examples = []
     for name in names:
-        mode = "keep_end" if name.startswith("hh") else "keep_start"  # hh, hh:PATH, hh_sample
-        for prompt, entry in get_dataset(name, split, cache_dir).items():
+        mode = parse_spec(name).truncation_mode
+        for prompt, entry in get_dataset(name, split, cache_dir, on_bad_row, render, log).items():
             examples.append(Example(prompt, entry["responses"], entry["pairs"], entry["sft_target"], mode, name))
     return examples
 
@@ -271,33 +57,23 @@ def load_examples(names: list[str], split: str, cache_dir: str | None = None) ->
 # tokenization and collation
 
 
-def _tokens(tokenizer, text: str, what: str, source: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def _check_no_eos(tokenizer, ids: list[int], text: str, what: str, source: str) -> list[int]:
     if tokenizer.eos_token_id in ids:
         raise DataError(f"a {what} in dataset '{source}' contains the EOS token {tokenizer.eos_token!r}: {text[:80]!r}")
     return ids
 
 
-def tokenize_element(
-    prompt: str,
-    chosen: str,
-    rejected: str,
+def truncate(
+    prompt_ids: list[int],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
     truncation_mode: str,
-    tokenizer,
     max_length: int,
     max_prompt_length: int,
-    source: str = "?",
-) -> dict:
-    """Token ids, attention masks and labels for one (prompt, chosen, rejected) triple.
-
-    EOS is appended to each response. If prompt + the longer response exceeds max_length, the
-    prompt is cut to max_prompt_length (its end kept for keep_end), then, if still too long, the
-    responses to max_length - max_prompt_length. Labels are -100 on prompt positions.
-    """
-    prompt_ids = _tokens(tokenizer, prompt, "prompt", source)
-    chosen_ids = _tokens(tokenizer, chosen, "chosen response", source) + [tokenizer.eos_token_id]
-    rejected_ids = _tokens(tokenizer, rejected, "rejected response", source) + [tokenizer.eos_token_id]
-
+) -> tuple[list[int], list[int], list[int]]:
+    """The reference's rule: if prompt + the longer response (EOS included) exceeds max_length,
+    the prompt is cut to max_prompt_length (its end kept for keep_end), then, if still too long,
+    the responses to max_length - max_prompt_length."""
     longer = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longer > max_length:
         if truncation_mode == "keep_start":
@@ -309,8 +85,15 @@ def tokenize_element(
     if len(prompt_ids) + longer > max_length:
         chosen_ids = chosen_ids[: max_length - max_prompt_length]
         rejected_ids = rejected_ids[: max_length - max_prompt_length]
+    return prompt_ids, chosen_ids, rejected_ids
 
-    element = {
+
+def build_element(
+    prompt: str, chosen: str, rejected: str, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int]
+) -> dict:
+    """The reference's batch element: strings, token ids, attention masks, and labels that are
+    -100 on prompt positions."""
+    element: dict[str, Any] = {
         "prompt": prompt,
         "chosen": prompt + chosen,
         "rejected": prompt + rejected,
@@ -325,6 +108,25 @@ def tokenize_element(
         element[f"{name}_attention_mask"] = [1] * len(ids)
         element[f"{name}_labels"] = [-100] * len(prompt_ids) + response_ids
     return element
+
+
+def tokenize_element(
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    truncation_mode: str,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    source: str = "?",
+) -> dict:
+    """Token ids, attention masks and labels for one (prompt, chosen, rejected) triple: no special
+    tokens added, EOS appended to each response (and refused inside the text), then truncated."""
+    ids = tokenizer([prompt, chosen, rejected], add_special_tokens=False)["input_ids"]
+    p = _check_no_eos(tokenizer, ids[0], prompt, "prompt", source)
+    c = _check_no_eos(tokenizer, ids[1], chosen, "chosen response", source) + [tokenizer.eos_token_id]
+    r = _check_no_eos(tokenizer, ids[2], rejected, "rejected response", source) + [tokenizer.eos_token_id]
+    return build_element(prompt, chosen, rejected, *truncate(p, c, r, truncation_mode, max_length, max_prompt_length))
 
 
 def collate(elements: list[dict], pad_token_id: int) -> dict:
@@ -343,6 +145,179 @@ def collate(elements: list[dict], pad_token_id: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# every item tokenized once (and cached)
+
+
+@dataclass
+class TokenizedSplit:
+    """The token ids of every item of a split, truncated, back to back: item k is
+    prompt tokens[o0:o1], chosen response tokens[o1:o2], rejected response tokens[o2:o3]
+    (EOS included; SFT items have no rejected part); example i owns items first_item[i]:first_item[i+1]."""
+
+    tokens: torch.Tensor  # int32
+    offsets: torch.Tensor  # int64 [n_items, 4]
+    first_item: torch.Tensor  # int64 [n_examples + 1]
+    kept: torch.Tensor  # int64: indices of the examples kept (a prompt longer than max_length may be dropped)
+
+    def ids(self, item: int) -> tuple[list[int], list[int], list[int]]:
+        o = self.offsets[item].tolist()
+        return self.tokens[o[0] : o[1]].tolist(), self.tokens[o[1] : o[2]].tolist(), self.tokens[o[2] : o[3]].tolist()
+
+
+def _items(example: Example, sft_mode: bool) -> list[tuple[str, str]]:
+    if sft_mode:
+        return [(example.sft_target, "")]
+    return [(example.responses[a], example.responses[b]) for a, b in example.pairs]
+
+
+def _fingerprint(examples: list[Example], tokenizer: Any, settings: dict) -> str:
+    from dpokit import __version__
+
+    h = hashlib.sha256(json.dumps({**settings, "dpokit": __version__}, sort_keys=True).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer).encode())
+    h.update(f"{tokenizer.eos_token_id}".encode())
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.responses, ex.pairs, ex.sft_target, ex.truncation_mode]).encode())
+    return h.hexdigest()[:24]
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    sft_mode: bool,
+    on_bad_row: str = "auto",
+    cache_dir: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> TokenizedSplit:
+    """Tokenize every item once (batched), with the reference's truncation. A prompt longer than
+    max_length is a bad row (refused or skipped by data.on_bad_row). With a cache_dir, the result
+    is kept there keyed by the examples' content, the tokenizer and the lengths."""
+    settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "sft": sft_mode, "bad": on_bad_row}
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / "tokenized" / f"{_fingerprint(examples, tokenizer, settings)}.pt"
+        if cache_file.is_file():
+            try:
+                return TokenizedSplit(**torch.load(cache_file, weights_only=True))
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                cache_file.unlink(missing_ok=True)
+    eos = tokenizer.eos_token_id
+    tokens: list[int] = []
+    offsets: list[list[int]] = []
+    first_item, kept = [0], []
+    too_long: dict[str, list[tuple[int, str]]] = {}
+    chunk = 256
+    bar = progress_bar(total=len(examples), desc="Tokenizing", unit="prompt", enabled=progress)
+    for start in range(0, len(examples), chunk):
+        part = examples[start : start + chunk]
+        texts = [t for ex in part for t in (ex.prompt, *(x for item in _items(ex, sft_mode) for x in item))]
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+        for k, ex in enumerate(part):
+            prompt_ids = _check_no_eos(tokenizer, next(encoded), ex.prompt, "prompt", ex.source)
+            items = []
+            for chosen, rejected in _items(ex, sft_mode):
+                c = _check_no_eos(tokenizer, next(encoded), chosen, "chosen response", ex.source) + [eos]
+                r = next(encoded)
+                r = _check_no_eos(tokenizer, r, rejected, "rejected response", ex.source) + [eos] if rejected else []
+                items.append((c, r))
+            if len(prompt_ids) > max_length:
+                too_long.setdefault(ex.source, []).append((len(prompt_ids), ex.prompt))
+                if on_bad_row != "auto":  # 'auto' keeps them: truncation is the reference's answer
+                    continue
+            for c, r in items:
+                p, c, r = truncate(prompt_ids, c, r, ex.truncation_mode, max_length, max_prompt_length)
+                base = len(tokens)
+                offsets.append([base, base + len(p), base + len(p) + len(c), base + len(p) + len(c) + len(r)])
+                tokens.extend(p + c + r)
+            first_item.append(len(offsets))
+            kept.append(start + k)
+        bar.update(len(part))
+    bar.close()
+    for source, found in too_long.items():
+        _settle_too_long(source, found, max_length, on_bad_row, log)
+    split = TokenizedSplit(
+        torch.tensor(tokens, dtype=torch.int32),
+        torch.tensor(offsets, dtype=torch.int64).reshape(-1, 4),
+        torch.tensor(first_item, dtype=torch.int64),
+        torch.tensor(kept, dtype=torch.int64),
+    )
+    if cache_file is not None:
+        _write_cache(cache_file, split)
+    return split
+
+
+def _settle_too_long(source: str, found: list[tuple[int, str]], max_length: int, policy: str, log) -> None:
+    """Prompts longer than max_length: refused ('error'), dropped ('skip'), or, with 'auto', kept
+    and cut by the reference's truncation rule (which exists for them), with a report."""
+    n_tokens, prompt = found[0]
+    what = (
+        f"dataset '{source}' has {len(found)} prompt(s) longer than max_length ({max_length} tokens), "
+        f"e.g. one of {n_tokens} tokens starting {prompt[:60]!r}"
+    )
+    if policy == "error":
+        raise DataError(f"{what}; raise max_length, shorten them, or pass data.on_bad_row=skip to train without them")
+    if policy == "skip":
+        log(f"WARNING: {what}; skipped (data.on_bad_row=skip)")
+    else:
+        log(f"note: {what}; they are cut to max_prompt_length as in the reference (data.on_bad_row=skip drops them)")
+
+
+def _write_cache(path: Path, split: TokenizedSplit) -> None:
+    from dpokit.checkpoint import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(vars(split), f), fsync=False)
+    except Exception:  # a cache that cannot be written only costs the next run the tokenization
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# a run's data
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    train_tokens: TokenizedSplit
+    eval: list[Example]
+    eval_tokens: TokenizedSplit
+
+
+def chat_renderer(tokenizer: Any) -> ChatRenderer | None:
+    """Conversations become prompts through the tokenizer's chat template, when it has one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prepare_data(cfg: Any, tokenizer: Any, log: Callable[[str], None] = print, progress: bool = False) -> PreparedData:
+    """Every dataset of config key `datasets`, both splits: read, bad rows refused or skipped,
+    tokenized once (from the cache when the same data, tokenizer and lengths were seen before)."""
+    cache_dir = cache_dir_for(list(cfg.local_dirs))
+    render = chat_renderer(tokenizer)
+    settings = {
+        "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length,
+        "sft_mode": cfg.loss.name == "sft",
+        "on_bad_row": cfg.data.on_bad_row,
+        "cache_dir": cache_dir if cfg.data.cache else None,
+        "progress": progress,
+        "log": log,
+    }
+    splits = {}
+    for split in ("train", "test"):
+        examples = load_examples(list(cfg.datasets), split, cache_dir, cfg.data.on_bad_row, render, log)
+        splits[split] = (examples, tokenize_examples(examples, tokenizer, **settings))
+    return PreparedData(*splits["train"], *splits["test"])
+
+
+# --------------------------------------------------------------------------------------------
 # batches
 
 
@@ -351,7 +326,8 @@ class BatchIterator:
 
     As in the reference, each epoch visits prompts in a seeded random order, an incomplete batch
     at the end of an epoch is dropped, and the n_examples limit is checked after each batch.
-    `skip_batches` starts the stream after that many batches (exact resume).
+    `skip_batches` starts the stream after that many batches (exact resume). Items are tokenized
+    once, up front (`tokenized`, or here when not given).
     """
 
     def __init__(
@@ -369,41 +345,52 @@ class BatchIterator:
         n_examples: int | None = None,
         skip_batches: int = 0,
         split: str = "train",
+        tokenized: TokenizedSplit | None = None,
     ) -> None:
         if n_epochs is None and n_examples is None:
             raise ValueError("give n_epochs or n_examples")
-        n_items = sum(1 if sft_mode else len(e.pairs) for e in examples)
+        if tokenized is None:
+            tokenized = tokenize_examples(
+                examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, sft_mode=sft_mode
+            )
+        self.examples = [examples[i] for i in tokenized.kept.tolist()]
+        n_items = len(tokenized.offsets)
         if n_items < batch_size:
             names = sorted({e.source for e in examples}) or ["(none)"]
             raise DataError(
                 f"dataset(s) {', '.join(names)} have {n_items} examples in the {split} split, "
                 f"fewer than one batch of {batch_size}"
             )
-        self.examples, self.tokenizer = examples, tokenizer
-        self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
-        self.sft_mode, self.seed, self.shuffle = sft_mode, seed, shuffle
+        self.tokenized, self.pad_token_id = tokenized, tokenizer.pad_token_id
+        self.batch_size, self.sft_mode, self.seed, self.shuffle = batch_size, sft_mode, seed, shuffle
         self.n_epochs, self.n_examples, self.skip_batches = n_epochs, n_examples, skip_batches
+
+    def __len__(self) -> int:
+        """Batches in the whole stream (those skipped on resume included)."""
+        per_epoch = len(self.tokenized.offsets) // self.batch_size
+        limits = []
+        if self.n_epochs is not None:
+            limits.append(self.n_epochs * per_epoch)
+        if self.n_examples is not None:
+            limits.append(-(-self.n_examples // self.batch_size))
+        return min(limits)
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.examples))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
 
-    def _raw_batches(self) -> Iterator[list[tuple[Example, str, str]]]:
+    def _raw_batches(self) -> Iterator[list[tuple[int, int]]]:
+        """(example index, item index) of each batch."""
         seen = 0
+        first = self.tokenized.first_item.tolist()
         for epoch in itertools.count():
             if self.n_epochs is not None and epoch >= self.n_epochs:
                 return
             batch = []
             for idx in self._order(epoch):
-                ex = self.examples[idx]
-                items = (
-                    [(ex.sft_target, ex.sft_target)]
-                    if self.sft_mode
-                    else [(ex.responses[a], ex.responses[b]) for a, b in ex.pairs]
-                )
-                for chosen, rejected in items:
-                    batch.append((ex, chosen, rejected))
+                for item in range(first[idx], first[idx + 1]):
+                    batch.append((int(idx), item))
                     seen += 1
                     if len(batch) == self.batch_size:
                         yield batch
@@ -413,22 +400,49 @@ class BatchIterator:
 
     def __iter__(self) -> Iterator[dict]:
         for raw in itertools.islice(self._raw_batches(), self.skip_batches, None):
-            elements = [
-                tokenize_element(
-                    ex.prompt,
-                    chosen,
-                    rejected,
-                    ex.truncation_mode,
-                    self.tokenizer,
-                    self.max_length,
-                    self.max_prompt_length,
-                    ex.source,
-                )
-                for ex, chosen, rejected in raw
-            ]
-            if self.sft_mode:
-                elements = [{k: v for k, v in e.items() if "rejected" not in k} for e in elements]
-            yield collate(elements, self.tokenizer.pad_token_id)
+            yield collate([self.element(idx, item) for idx, item in raw], self.pad_token_id)
+
+    def element(self, idx: int, item: int) -> dict:
+        ex = self.examples[idx]
+        p, c, r = self.tokenized.ids(item)
+        if self.sft_mode:
+            element = build_element(ex.prompt, ex.sft_target, ex.sft_target, p, c, c)
+            return {k: v for k, v in element.items() if "rejected" not in k}
+        a, b = ex.pairs[item - int(self.tokenized.first_item[idx])]
+        return build_element(ex.prompt, ex.responses[a], ex.responses[b], p, c, r)
+
+
+def train_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int, skip_batches: int = 0) -> BatchIterator:
+    """The reference's training stream: seeded epochs, n_epochs or n_examples, global batches."""
+    return BatchIterator(
+        data.train,
+        tokenizer,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        sft_mode=cfg.loss.name == "sft",
+        seed=seed,
+        n_epochs=cfg.n_epochs,
+        n_examples=cfg.n_examples,
+        skip_batches=skip_batches,
+        tokenized=data.train_tokens,
+    )
+
+
+def eval_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int) -> BatchIterator:
+    """The first n_eval_examples of the test split, in the same seeded order every time."""
+    return BatchIterator(
+        data.eval,
+        tokenizer,
+        batch_size=cfg.eval_batch_size,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        sft_mode=cfg.loss.name == "sft",
+        seed=seed,
+        n_examples=cfg.n_eval_examples,
+        split="test",
+        tokenized=data.eval_tokens,
+    )
 
 
 def cache_dir_for(local_dirs: list[str]) -> str:

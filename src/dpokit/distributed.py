@@ -103,6 +103,7 @@ class Distribution(Protocol):
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float: ...
     def gather(self, values: torch.Tensor) -> torch.Tensor: ...
     def barrier(self) -> None: ...
+    def any(self, flag: bool) -> bool: ...
     def broadcast_object(self, obj: Any) -> Any: ...
     def all_gather_object(self, obj: Any) -> list: ...
     def generate_kwargs(self) -> dict: ...
@@ -156,6 +157,9 @@ class SingleProcess:
 
     def barrier(self) -> None:
         pass
+
+    def any(self, flag: bool) -> bool:
+        return flag
 
     def broadcast_object(self, obj: Any) -> Any:
         return obj
@@ -360,6 +364,12 @@ class FSDP2:
 
     def barrier(self) -> None:
         torch_dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether any process says yes (e.g. was asked to stop): all of them then agree."""
+        box = torch.tensor([int(flag)], device=self.device)
+        torch_dist.all_reduce(box, op=torch_dist.ReduceOp.MAX)
+        return bool(box.item())
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj]

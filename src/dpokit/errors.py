@@ -29,6 +29,10 @@ class CheckpointError(DpokitError):
     """A checkpoint that cannot be read or written; the message names the path."""
 
 
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM after a complete step; the message says where to resume."""
+
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -45,6 +49,10 @@ def run_guarded(fn: Callable[[], object], traceback_on: bool = False) -> int:
                 traceback.print_exc()
             print(f"dpokit: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dpokit: {stop}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("dpokit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -127,6 +127,18 @@ def check_state_dict_fits(model: torch.nn.Module, state: dict, source: str) -> N
     )
 
 
+def check_archive(archive: str, name_or_path: str, log=print) -> Path:
+    """`model.archive` exists, is a checkpoint, and its tensors fit the model: names and shapes
+    read from the file's index (memory-mapped) against the weightless model, so no weights are
+    loaded and no model is built to find out."""
+    path = locate(archive, "archive", log=log)
+    state = load_payload(path, mmap=True)["state"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict under 'state'")
+    check_state_dict_fits(model_skeleton(name_or_path), state, str(path))
+    return path
+
+
 def load_archive(archive: str, models: list[torch.nn.Module], log=print) -> dict:
     """Load `model.archive` (a policy.pt, checkpoint directory or run directory) into each model."""
     path = locate(archive, "archive", log=log)

@@ -4,14 +4,23 @@ from, and the run directory (created, with its config.yaml)."""
 from __future__ import annotations
 
 import os
-import socket
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpokit.checkpoint import locate, newest_complete, run_config_of
-from dpokit.config import get_local_dir, new_run_dir, parse_args, round_eval_every, save_config, validate
+from dpokit.checkpoint import LATEST, locate, newest_complete, run_config_of
+from dpokit.config import (
+    check_writable,
+    get_local_dir,
+    new_run_dir,
+    parse_args,
+    round_eval_every,
+    save_config,
+    validate,
+)
 from dpokit.errors import CheckpointError, ConfigError
 
 # Changing any of these changes the training trajectory, so resuming with a different value is
@@ -101,21 +110,73 @@ def preflight(cfg: DictConfig, world_size: int) -> None:
             f"config key 'trainer' is BasicTrainer, which runs one process, but {world_size} were started; "
             f"use trainer=FSDPTrainer"
         )
+    skeleton = model_skeleton(cfg.model.name_or_path)  # the model's config loads (no weights yet)
     if cfg.trainer == "FSDPTrainer":
-        find_block_class(model_skeleton(cfg.model.name_or_path), cfg.model.block_name)
+        find_block_class(skeleton, cfg.model.block_name)
 
 
-def prepare(argv: list[str], world_size: int) -> tuple[DictConfig, Path | None]:
-    """Everything decided before any model is built: the validated config, the checkpoint to
-    resume from, and the run directory (created, with its config.yaml)."""
+@dataclass
+class Prepared:
+    """What the first process decided and checked before any model was built."""
+
+    cfg: DictConfig
+    resume_dir: Path | None
+    tokenizer: Any = None
+    data: Any = None  # dpokit.data.PreparedData
+    finished: bool = False  # resume= names the end of a run that trained on everything it asks for
+
+
+def prepare(argv: list[str], world_size: int) -> Prepared:
+    """Everything decided and checked before any model is built or any directory made: the
+    config (and the checkpoint to resume from), the output directory being writable, the model's
+    structure, `model.archive` against it, the tokenizer and every dataset (read, bad rows
+    handled, tokenized). Only then is the run directory created, with its config.yaml."""
+    from dpokit.data import cache_dir_for, eval_iterator, prepare_data, train_iterator
+    from dpokit.models import check_archive, load_tokenizer
+
     cfg, resume_dir = build_config(argv)
     preflight(cfg, world_size)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         round_eval_every(cfg)
-    if cfg.local_run_dir is None:
+    fresh = cfg.local_run_dir is None
+    if fresh:
         cfg.local_run_dir = new_run_dir(cfg.exp_name, list(cfg.local_dirs))
-    print(OmegaConf.to_yaml(cfg))
+    check_writable(cfg.local_run_dir, "local_dirs" if fresh else "local_run_dir")
+    if cfg.model.archive is not None:
+        check_archive(cfg.model.archive, cfg.model.name_or_path)
+    name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
+    tokenizer = load_tokenizer(name, cache_dir_for(list(cfg.local_dirs)))
+    data = prepare_data(cfg, tokenizer, progress=True)
+    train_iterator(cfg, data, tokenizer, cfg.seed)  # enough examples for a batch, in both splits
+    eval_iterator(cfg, data, tokenizer, cfg.seed)
+
+    finished = resume_dir is not None and resume_dir.name == LATEST and _trained_all(resume_dir, cfg, data, tokenizer)
     save_config(cfg, cfg.local_run_dir)
-    print("=" * 80 + f"\nWriting to {socket.gethostname()}:{cfg.local_run_dir}\n" + "=" * 80, flush=True)
-    return cfg, resume_dir
+    return Prepared(cfg, resume_dir, tokenizer, data, finished)
+
+
+def _trained_all(ckpt_dir: Path, cfg: DictConfig, data: Any, tokenizer: Any) -> bool:
+    """Whether a checkpoint has consumed every batch the config asks for."""
+    from dpokit.checkpoint import TRAINER_STATE, load_payload
+    from dpokit.data import train_iterator
+
+    try:
+        consumed = int(load_payload(ckpt_dir / TRAINER_STATE)["state"]["batch_counter"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return False
+    return consumed >= len(train_iterator(cfg, data, tokenizer, cfg.seed))
+
+
+def summary(cfg: DictConfig) -> str:
+    """A few lines about the run (the whole resolved config is in config.yaml)."""
+    loss = cfg.loss.name + (f" (beta {cfg.loss.beta})" if "beta" in cfg.loss else "")
+    length = f"{cfg.n_examples} examples" if cfg.n_examples else f"{cfg.n_epochs} epoch(s)"
+    lines = [
+        f"model {cfg.model.name_or_path}" + (f" from {cfg.model.archive}" if cfg.model.archive else ""),
+        f"loss {loss}, datasets {', '.join(cfg.datasets)}",
+        f"{cfg.trainer}, batch {cfg.batch_size} (x{cfg.gradient_accumulation_steps} accumulation), "
+        f"lr {cfg.lr} {cfg.optimizer}, {length}, eval every {cfg.eval_every} examples",
+        f"full config: {Path(cfg.local_run_dir) / 'config.yaml'}",
+    ]
+    return "\n".join(lines)

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
+from typing import Any
 
-from dpokit import distributed
+from dpokit import distributed, tracking
+from dpokit.checkpoint import newest_complete
 from dpokit.config import PREFERENCE_LOSSES
-from dpokit.errors import run_guarded
+from dpokit.errors import Interrupted, run_guarded
 from dpokit.launch import launch
-from dpokit.startup import build_config, prepare
+from dpokit.startup import Prepared, build_config, prepare, summary
 
 
 def train_or_launch(argv: list[str]) -> int:
@@ -35,19 +38,48 @@ def train_or_launch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> dict:
     """Run one training job (one process, or one of torchrun's); returns a summary (run directory,
     checkpoints, final metrics)."""
-    from dpokit.data import cache_dir_for
-    from dpokit.models import copy_as_reference, load_archive, load_model, load_tokenizer
-    from dpokit.trainers import TRAINERS
-
     argv = list(sys.argv[1:] if argv is None else argv)
     rank, world_size = distributed.init_process_group() if distributed.launched_by_torchrun() else (0, 1)
     try:
-        cfg, resume_dir = distributed.decided_by_main(lambda: prepare(argv, world_size))
-        run_dir = cfg.local_run_dir
-        say = print if rank == 0 else (lambda *a, **k: None)
+        prepared: list[Prepared] = []  # the first process keeps what it loaded while deciding
 
-        cache_dir = cache_dir_for(list(cfg.local_dirs))
+        def decide() -> tuple:
+            prepared.append(prepare(argv, world_size))
+            return prepared[0].cfg, prepared[0].resume_dir, prepared[0].finished
+
+        cfg, resume_dir, finished = distributed.decided_by_main(decide)
+        run_dir = Path(cfg.local_run_dir)
+        with tracking.console_copied_to(run_dir / tracking.TRAIN_LOG, enabled=rank == 0):
+            say = print if rank == 0 else (lambda *a, **k: None)
+            say(summary(cfg))
+            say("=" * 80 + f"\nWriting to {socket.gethostname()}:{run_dir}\n" + "=" * 80, flush=True)
+            if finished:
+                say(f"{resume_dir} is the end of this run: it has trained on every example; nothing to do "
+                    f"(pass a larger n_examples or n_epochs to train on)")  # fmt: skip
+                return run_summary(run_dir, {}, [])
+            trainer = _run(cfg, resume_dir, prepared[0] if prepared else None, rank, world_size, say)
+        distributed.shutdown(finished=True)
+    finally:
+        distributed.shutdown()
+    return run_summary(run_dir, trainer.final_metrics, trainer.failed_saves, say)
+
+
+def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, world_size: int, say) -> Any:
+    """Models, trainer, training, the final save; the run's status kept in run.json."""
+    from dpokit.data import cache_dir_for, prepare_data
+    from dpokit.models import copy_as_reference, load_archive, load_model, load_tokenizer
+    from dpokit.trainers import TRAINERS, StopTraining
+
+    run_dir = Path(cfg.local_run_dir)
+    status = (lambda state, **kw: tracking.write_status(run_dir, state, **kw)) if rank == 0 else (lambda *a, **k: None)
+    cache_dir = cache_dir_for(list(cfg.local_dirs))
+    if prepared is not None:
+        tokenizer, data = prepared.tokenizer, prepared.data
+    else:  # the other processes: the same data, from the tokenized cache the first one wrote
         tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path, cache_dir)
+        data = prepare_data(cfg, tokenizer, log=say)
+    status("running", examples=0)
+    try:
         say("building policy", flush=True)
         policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, cache_dir, seed=cfg.seed)
         reference = None
@@ -56,41 +88,52 @@ def main(argv: list[str] | None = None) -> dict:
             reference = copy_as_reference(policy, cfg.model.reference_dtype)
         if cfg.model.archive is not None:
             load_archive(cfg.model.archive, [m for m in (policy, reference) if m is not None], log=say)
-
         trainer = TRAINERS[cfg.trainer](
-            policy,
-            cfg,
-            cfg.seed,
-            run_dir,
-            reference_model=reference,
-            rank=rank,
-            world_size=world_size,
-            tokenizer=tokenizer,
-        )
+            policy, cfg, cfg.seed, str(run_dir), reference_model=reference, rank=rank, world_size=world_size,
+            tokenizer=tokenizer, data=data,
+        )  # fmt: skip
         if resume_dir is not None:
             trainer.restore(resume_dir)
-        trainer.train()
+        try:
+            trainer.train()
+        except StopTraining as stop:
+            saved = trainer.save_on_interrupt()
+            last = newest_complete(run_dir, checksums=False, log=lambda _m: None)
+            status("interrupted", examples=stop.examples)
+            raise Interrupted(
+                f"stopped after {stop.examples} examples"
+                + (f"; saved {saved}" if saved else "")
+                + (f"; last complete checkpoint: {last}" if last else "; no checkpoint was complete yet")
+                + f"; resume with: dpokit train resume={run_dir if last else '...'}"
+            ) from None
         trainer.save(None, trainer.final_metrics)
-        distributed.shutdown(finished=True)
-    finally:
-        distributed.shutdown()
+        trainer.tracker.close()
+    except Interrupted:
+        raise
+    except BaseException as err:
+        status("interrupted" if isinstance(err, KeyboardInterrupt) else "failed", error=str(err)[:500])
+        raise
+    status("finished", examples=trainer.example_counter)
+    return trainer
 
-    checkpoints = sorted(p.name for p in Path(run_dir).iterdir() if p.name == "LATEST" or p.name.startswith("step-"))
+
+def run_summary(run_dir: Path, final_metrics: dict, failed_saves: list[str], say=print) -> dict:
+    checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name == "LATEST" or p.name.startswith("step-"))
     summary = {
         "run_dir": os.path.abspath(run_dir),
         "checkpoints": checkpoints,
-        "latest_policy": os.path.abspath(os.path.join(run_dir, "LATEST", "policy.pt")),
-        "final_metrics": trainer.final_metrics,
-        "failed_saves": trainer.failed_saves,
+        "latest_policy": os.path.abspath(run_dir / "LATEST" / "policy.pt"),
+        "final_metrics": final_metrics,
+        "failed_saves": failed_saves,
     }
-    final = json.dumps({k: round(v, 4) for k, v in trainer.final_metrics.items()})
+    final = json.dumps({k: round(v, 4) for k, v in final_metrics.items()})
     say(
         f"done: run directory {summary['run_dir']}\n      checkpoints: {', '.join(checkpoints)}\n"
         f"      final eval: {final}",
         flush=True,
     )
-    if trainer.failed_saves:
-        say(f"WARNING: {len(trainer.failed_saves)} checkpoint save(s) failed; see the warnings above", flush=True)
+    if failed_saves:
+        say(f"WARNING: {len(failed_saves)} checkpoint save(s) failed; see the warnings above", flush=True)
     return summary
 
 

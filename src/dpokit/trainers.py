@@ -9,26 +9,29 @@ business (`dpokit.distributed`); what goes to disk and how is the `Checkpointer`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import random
+import signal
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-import tqdm
 from omegaconf import DictConfig, OmegaConf
 
-from dpokit import losses
+from dpokit import losses, progress
 from dpokit.checkpoint import Checkpointer, CheckpointSettings
 from dpokit.config import PREFERENCE_LOSSES
-from dpokit.data import BatchIterator, cache_dir_for, load_examples
+from dpokit.data import PreparedData, cache_dir_for, eval_iterator, prepare_data, train_iterator
 from dpokit.distributed import FSDP2, Distribution, SingleProcess
+from dpokit.tracking import Tracker, drop_metrics_after
 
 
 def rank0_print(*args: Any, rank: int = 0, **kwargs: Any) -> None:
@@ -69,6 +72,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class StopTraining(Exception):
+    """Raised out of the loop after the step during which Ctrl-C or SIGTERM arrived."""
+
+    def __init__(self, examples: int) -> None:
+        super().__init__(f"stopped after {examples} examples")
+        self.examples = examples
+
+
 def float32_or_wider(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities are computed in at least fp32 (the reference upcasts half-precision logits)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -91,6 +102,7 @@ class BasicTrainer:
         rank: int = 0,
         world_size: int = 1,
         tokenizer: Any = None,
+        data: PreparedData | None = None,
     ) -> None:
         self.config, self.seed, self.run_dir = config, seed, run_dir
         self.dist = self.make_distribution(config, rank, world_size)
@@ -106,27 +118,12 @@ class BasicTrainer:
         self.policy = self.dist.wrap_policy(policy)
         self.reference_model = self.dist.wrap_reference(reference_model) if reference_model is not None else None
 
-        self.data_kwargs = dict(
-            tokenizer=self.tokenizer,
-            max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length,
-            sft_mode=config.loss.name == "sft",
-            seed=seed,
-            shuffle=True,
-        )
-        self.train_examples = load_examples(list(config.datasets), "train", cache_dir)
-        eval_examples = load_examples(list(config.datasets), "test", cache_dir)
-        self.eval_batches = list(
-            BatchIterator(
-                eval_examples,
-                **self.data_kwargs,
-                batch_size=config.eval_batch_size,
-                n_examples=config.n_eval_examples,
-                split="test",
-            )
-        )
+        if data is None:
+            data = prepare_data(config, self.tokenizer, log=self.print, progress=self.rank == 0)
+        self.data = data
+        self.eval_batches = list(eval_iterator(config, data, self.tokenizer, seed))
         self.print(
-            f"Loaded {len(self.train_examples)} train prompts and {len(self.eval_batches)} eval batches "
+            f"Loaded {len(data.train)} train prompts and {len(self.eval_batches)} eval batches "
             f"of size {config.eval_batch_size}"
         )
 
@@ -146,13 +143,15 @@ class BasicTrainer:
             dist=self.dist,
             run_config=OmegaConf.to_container(config, resolve=True),  # type: ignore[arg-type]
             log=self.print,
+            record=lambda stats: self.log(stats),
         )
         self.checkpointer.sweep()
+        self.tracker = Tracker(run_dir, config, enabled=self.rank == 0)
         self.example_counter = 0
         self.batch_counter = 0
         self.resumed_rng: dict | None = None
         self.final_metrics: dict = {}
-        self._wandb: Any = None
+        self.stop_requested = False
 
     @property
     def failed_saves(self) -> list[str]:
@@ -230,7 +229,7 @@ class BasicTrainer:
         self.print(f"Running evaluation after {self.example_counter} train examples")
         self.policy.eval()
         all_metrics = defaultdict(list)
-        for eval_batch in tqdm.tqdm(self.eval_batches, desc="Computing eval metrics", disable=self.rank != 0):
+        for eval_batch in progress.bar(self.eval_batches, desc="Computing eval metrics", enabled=self.rank == 0):
             local = slice_batch(eval_batch, self.rank, self.world_size, self.device)
             with torch.no_grad():
                 _, metrics = self.get_batch_metrics(local, self.config.loss, train=False)
@@ -244,77 +243,106 @@ class BasicTrainer:
         return mean_metrics
 
     def sample(self) -> None:
-        """n_eval_model_samples completions from the first eval batches (gathered from every process)."""
+        """n_eval_model_samples completions of the first eval prompts, from every process, into
+        samples/step-N.jsonl; the first few are printed."""
         wanted = self.config.n_eval_model_samples
         n_batches = math.ceil(wanted / self.config.eval_batch_size)
+        prompts: list[str] = []
         policy_samples: list[str] = []
         reference_samples: list[str] = []
-        for eval_batch in tqdm.tqdm(self.eval_batches[:n_batches], desc="Generating samples", disable=self.rank != 0):
+        for eval_batch in progress.bar(
+            self.eval_batches[:n_batches], desc="Generating samples", enabled=self.rank == 0
+        ):
             local = slice_batch(eval_batch, self.rank, self.world_size, self.device)
             with torch.no_grad():
                 p, r = self.get_batch_samples(local)
-            for mine, into in ((p, policy_samples), (r, reference_samples)):
+            for mine, into in ((local["prompt"], prompts), (p, policy_samples), (r, reference_samples)):
                 into.extend(s for part in self.dist.all_gather_object(mine) for s in part)
         policy_samples, reference_samples = policy_samples[:wanted], reference_samples[:wanted]
-        if policy_samples:
-            self.print("policy samples:", json.dumps(policy_samples[:2], indent=2)[:2000])
-            self._log_samples(policy_samples, reference_samples)
+        written = self.tracker.samples(self.example_counter, prompts[:wanted], policy_samples, reference_samples)
+        for text in policy_samples[:2]:
+            self.print(f"policy sample: {json.dumps(text)[:1000]}")
+        if written is not None:
+            self.print(f"{len(policy_samples)} samples in {written}")
 
     # ---------------------------------------------------------------------------------------
     # the loop
 
     def train(self) -> None:
-        """SFT, DPO or IPO training with periodic evaluation and checkpoints; ends with an eval."""
+        """SFT, DPO or IPO training with periodic evaluation and checkpoints; ends with an eval.
+        Ctrl-C or SIGTERM stops it after the current step (StopTraining); a second Ctrl-C at once."""
         cfg = self.config
         self.print(f"Using {cfg.optimizer} optimizer")
+        self.seed_or_restore_rng()
+        if self.reference_model is not None:
+            self.reference_model.eval()
+        batches = train_iterator(cfg, self.data, self.tokenizer, self.seed, skip_batches=self.batch_counter)
+        bar = progress.bar(
+            total=len(batches) * cfg.batch_size, initial=self.example_counter, desc="Training", unit="ex",
+            enabled=self.rank == 0, leave=True,
+        )  # fmt: skip
+        # a resumed run has already evaluated and saved at the step it resumed from
+        resumed_at = self.example_counter if self.resumed_rng is not None else None
+        last_log: float | None = None
+        with self.stop_on_signals(), bar:
+            for batch in batches:
+                if self.evaluation_due(resumed_at):
+                    metrics = self.evaluate()
+                    if self.example_counter > 0 and not cfg.debug:  # the reference saves nothing in debug mode
+                        self.checkpointer.save(self.example_counter, metrics)
+
+                start = time.time()
+                batch_metrics = self.train_step(batch)
+                self.batch_counter += 1
+                self.example_counter += cfg.batch_size
+                batch_metrics["examples_per_second"].append(cfg.batch_size / (time.time() - start))
+                bar.update(cfg.batch_size)
+
+                if last_log is None or time.time() - last_log > cfg.minimum_log_interval_secs:
+                    mean_metrics = {k: sum(v) / len(v) for k, v in batch_metrics.items()}
+                    mean_metrics["counters/examples"] = self.example_counter
+                    mean_metrics["counters/updates"] = self.batch_counter
+                    bar.set_postfix(loss=f"{mean_metrics['loss/train']:.4g}", refresh=False)
+                    self.print(f"train stats after {self.example_counter} examples: {formatted(mean_metrics)}")
+                    self.log(mean_metrics)
+                    last_log = time.time()
+                if self.dist.any(self.stop_requested):  # every process stops after the same step
+                    raise StopTraining(self.example_counter)
+        self.final_metrics = self.evaluate()
+
+    def evaluation_due(self, resumed_at: int | None) -> bool:
+        """Every eval_every examples (at 0 only with do_first_eval), but not again at the step a
+        resumed run starts from."""
+        n = self.example_counter
+        return n % self.config.eval_every == 0 and n != resumed_at and (n > 0 or self.config.do_first_eval)
+
+    def seed_or_restore_rng(self) -> None:
         if self.resumed_rng is None:
             torch.manual_seed(self.seed)
             np.random.seed(self.seed)
             random.seed(self.seed)
         else:
             set_rng_state(self.resumed_rng)
-        if self.reference_model is not None:
-            self.reference_model.eval()
 
-        train_batches = BatchIterator(
-            self.train_examples,
-            **self.data_kwargs,
-            batch_size=cfg.batch_size,
-            n_epochs=cfg.n_epochs,
-            n_examples=cfg.n_examples,
-            skip_batches=self.batch_counter,
-        )
-        # a resumed run has already evaluated and saved at the step it resumed from
-        resumed_at = self.example_counter if self.resumed_rng is not None else None
-        last_log: float | None = None
-        for batch in train_batches:
-            if (
-                self.example_counter % cfg.eval_every == 0
-                and (self.example_counter > 0 or cfg.do_first_eval)
-                and self.example_counter != resumed_at
-            ):
-                metrics = self.evaluate()
-                if self.example_counter > 0:
-                    if cfg.debug:
-                        self.print("skipping save in debug mode")
-                    else:
-                        self.checkpointer.save(self.example_counter, metrics)
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """Ctrl-C and SIGTERM ask the loop to stop after the current step; a second Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
 
-            start = time.time()
-            batch_metrics = self.train_step(batch)
-            self.batch_counter += 1
-            self.example_counter += cfg.batch_size
-            batch_metrics["examples_per_second"].append(cfg.batch_size / (time.time() - start))
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to stop now)")
 
-            if last_log is None or time.time() - last_log > cfg.minimum_log_interval_secs:
-                mean_metrics = {k: sum(v) / len(v) for k, v in batch_metrics.items()}
-                mean_metrics["counters/examples"] = self.example_counter
-                mean_metrics["counters/updates"] = self.batch_counter
-                self.print(f"train stats after {self.example_counter} examples: {formatted(mean_metrics)}")
-                self.log(mean_metrics)
-                last_log = time.time()
-
-        self.final_metrics = self.evaluate()
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def train_step(self, batch: dict) -> dict[str, list]:
         """One optimizer step on a global batch: its gradient_accumulation_steps micro-batches,
@@ -339,35 +367,7 @@ class BasicTrainer:
     # logging
 
     def log(self, metrics: dict) -> None:
-        if self.rank != 0:
-            return
-        record = {"step": self.example_counter, **metrics}
-        os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.config.wandb.enabled and not self.config.debug:
-            self.wandb().log(metrics, step=self.example_counter)
-
-    def _log_samples(self, policy_samples: list[str], reference_samples: list[str]) -> None:
-        if self.rank != 0:
-            return
-        with open(os.path.join(self.run_dir, "samples.jsonl"), "a") as f:
-            record = {"step": self.example_counter, "policy": policy_samples, "reference": reference_samples}
-            f.write(json.dumps(record) + "\n")
-
-    def wandb(self) -> Any:
-        if self._wandb is None:
-            import wandb
-
-            wandb.init(
-                entity=self.config.wandb.entity,
-                project=self.config.wandb.project,
-                name=self.config.exp_name,
-                config=OmegaConf.to_container(self.config, resolve=True),
-                dir=self.run_dir,
-            )
-            self._wandb = wandb
-        return self._wandb
+        self.tracker.log(metrics, self.example_counter)
 
     # ---------------------------------------------------------------------------------------
     # checkpoints: the reference's two methods, and resume
@@ -385,6 +385,12 @@ class BasicTrainer:
         (None: {run_dir}/LATEST), published as one directory: all of it or none of it."""
         self.checkpointer.save(self.example_counter, metrics, final=output_dir is None, where=output_dir)
 
+    def save_on_interrupt(self) -> Path | None:
+        """checkpoint.on_interrupt=save: a checkpoint of where the run stopped."""
+        if self.config.checkpoint.on_interrupt != "save" or self.example_counter == 0 or self.config.debug:
+            return None
+        return self.checkpointer.save(self.example_counter, {})
+
     def trainer_state(self) -> dict:
         """What exact resume needs beyond the three contract files: counters (the data position
         is the number of global batches consumed) and every process's RNG states."""
@@ -398,9 +404,14 @@ class BasicTrainer:
         }
 
     def restore(self, ckpt_dir: str | Path) -> None:
-        """Continue from a checkpoint: policy, optimizer, scheduler, counters, RNG, data position."""
+        """Continue from a checkpoint: policy, optimizer, scheduler, counters, RNG, data position.
+        Records the abandoned continuation logged past that point are dropped from metrics.jsonl."""
         state = self.checkpointer.restore(ckpt_dir)
         self.example_counter = int(state["example_counter"])
+        if self.rank == 0:
+            dropped = drop_metrics_after(self.run_dir, self.example_counter)
+            if dropped:
+                self.print(f"metrics.jsonl: dropped {dropped} records logged after {self.example_counter} examples")
         self.batch_counter = int(state["batch_counter"])
         per_process = state.get("rng_per_process") or []
         # the same number of processes continue each its own random stream; otherwise all take the first's

@@ -9,6 +9,7 @@ training loop calls `save(step, metrics)` and `restore(path)` and knows nothing 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,11 +75,13 @@ class Checkpointer:
         dist: Distribution,
         run_config: dict | None = None,
         log: Callable[[str], None] = print,
+        record: Callable[[dict], None] = lambda stats: None,
     ) -> None:
         self.run_dir, self.settings = Path(run_dir), settings
         self.policy, self.optimizer, self.scheduler = policy, optimizer, scheduler
         self.trainer_state, self.dist, self.run_config = trainer_state, dist, run_config
         self.log = log if dist.is_main else (lambda _msg: None)
+        self.record = record
         self.storage = Storage(self.run_dir, settings.fsync)
         self.failed: list[str] = []
 
@@ -108,6 +111,7 @@ class Checkpointer:
         """
         target = Path(where) if where is not None else self.run_dir / (LATEST if final else step_dir_name(step))
         self.log(f"saving checkpoint to {target}...")
+        start = time.perf_counter()
         try:
             if self.settings.format == "sharded":
                 self._save_sharded(target, step, metrics)
@@ -119,9 +123,16 @@ class Checkpointer:
             self.failed.append(str(err))
             self.log(f"WARNING: checkpoint not saved ({err}); training goes on (checkpoint.on_error=warn)")
             return None
+        seconds = time.perf_counter() - start
         if target.parent == self.run_dir and self.dist.is_main:
             self._retain()
         self.dist.barrier()
+        if self.dist.is_main:
+            size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            # a synchronous save stalls training for as long as it writes
+            self.record(
+                {"checkpoint/stall_seconds": seconds, "checkpoint/write_seconds": seconds, "checkpoint/bytes": size}
+            )
         return target
 
     def _save_full(self, target: Path, step: int, metrics: dict | None) -> None:

@@ -74,8 +74,27 @@ def write_payload(
     return record
 
 
-def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a contract file with weights_only=True, turning every failure into one sentence."""
+def _numpy_scalar_globals() -> list:
+    """What pickle needs to rebuild numpy scalars (e.g. metrics the reference logged as np.float64):
+    plain numbers, no code. Allowed on top of torch's weights-only set."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64)  # fmt: skip
+    return [scalar, np.dtype, *{type(np.dtype(k)) for k in kinds}]
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") and not isinstance(value, torch.Tensor) else value
+
+
+def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Read a contract file with weights_only=True, turning every failure into one sentence.
+    mmap=True maps the tensors instead of reading them (cheap to look at keys and shapes)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist")
@@ -91,19 +110,28 @@ def load_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
         what = "it is empty" if not magic else f"it starts with {magic!r}"
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({what})")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and magic[:2] == b"PK")
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
+            convert = (
+                f"import torch; p=torch.load('{path}', weights_only=False); "
+                f"p['metrics']={{k: float(v) for k, v in (p.get('metrics') or {{}}).items()}}; "
+                f"torch.save(p, '{path}.converted')"
+            )
             raise CheckpointError(
                 f"{path} needs arbitrary pickle to load (it stores Python objects, not only tensors), which dpokit "
-                f'refuses for safety; if you trust the file, convert it with: python -c "import torch; '
-                f"p=torch.load('{path}', weights_only=False); torch.save(p, '{path}.converted')\""
+                f'refuses for safety; if you trust the file, convert it with: python -c "{convert}"'
             ) from None
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({first_line(err)})") from None
     except Exception as err:  # torch reports damaged archives with many exception types
         raise CheckpointError(
             f"{path} is truncated or not a torch checkpoint ({type(err).__name__}: {first_line(err)})"
         ) from None
+    if isinstance(payload, dict) and isinstance(payload.get("metrics"), dict):
+        payload["metrics"] = {k: _plain(v) for k, v in payload["metrics"].items()}
+    if isinstance(payload, dict) and "step_idx" in payload:
+        payload["step_idx"] = _plain(payload["step_idx"])
     if not isinstance(payload, dict) or "state" not in payload or "step_idx" not in payload:
         kind = f"dict with keys {sorted(payload)[:5]}" if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
