@@ -483,14 +483,27 @@ def test_keep_last_and_best_on_disk(tmp_path):
     assert os.readlink(run / "best") == "step-20"
 
 
-def test_no_limits_keeps_all_and_points_best(tmp_path):
+def test_best_exists_only_when_retention_by_metric_is_asked_for(tmp_path):
     run = tmp_path / "run"
     store = Store(run, fsync=False)
     for step, loss in ((1, 0.9), (2, 0.3), (3, 0.5)):
         publish(store, f"step-{step}", step, {"loss/eval": loss}, SMALL)
         store.after_publish()
     assert sorted(p.name for p in run.glob("step-*")) == ["step-1", "step-2", "step-3"]
-    assert os.readlink(run / "best") == "step-2"
+    assert not (run / "best").exists() and not (run / "best").is_symlink()
+
+
+def test_best_includes_the_final_evaluation_of_latest(tmp_path):
+    run = tmp_path / "run"
+    store = Store(run, fsync=False, keep_best=1, log=lambda s: None)
+    publish(store, "step-4", 4, {"loss/eval": 229.13}, SMALL)
+    store.after_publish()
+    assert os.readlink(run / "best") == "step-4"
+    publish(store, "LATEST", 8, {"loss/eval": 224.16}, SMALL)  # the end of training, better
+    store.after_publish()
+    assert os.readlink(run / "best") == "LATEST"
+    assert load_payload(run / "best" / "policy.pt")["step_idx"] == 8
+    assert (run / "step-4").is_dir()  # keep_best counts step-* directories; LATEST is always kept
 
 
 # ============================================================================================

@@ -82,15 +82,28 @@ def step_entries(storage: Storage, metric_name: str) -> list[Entry]:
 
 
 def apply_retention(storage: Storage, policy: RetentionPolicy, log: Callable[[str], None] = print) -> None:
-    """Move the `best` pointer and delete what the policy does not keep; called only after a
-    publish succeeded."""
+    """Delete what the policy does not keep and, when retention by metric is asked for
+    (keep_best), point `best` at the best evaluated checkpoint, LATEST's final evaluation
+    included. Called only after a publish succeeded; never deletes what LATEST or best names."""
     entries = step_entries(storage, policy.best_metric)
-    best = best_of(entries, policy.best_mode)
-    if best is not None:
-        storage.point(BEST, best)
+    best = None
+    if policy.keep_best is not None:
+        best = best_of(entries + _latest_entry(storage, policy.best_metric), policy.best_mode)
+    storage.point(BEST, best)  # None removes a `best` left from a run that asked for it
     protected = frozenset(n for n in (best, link_target(storage.root / LATEST)) if n)
     keep = select_retained(entries, policy.keep_last, policy.keep_best, policy.best_mode, protected)
     for name, _, _ in entries:
         if name not in keep:
             storage.remove(name)
             log(f"retention: removed {storage.root / name}")
+
+
+def _latest_entry(storage: Storage, metric_name: str) -> list[Entry]:
+    try:
+        manifest = read_manifest(storage.root / LATEST)
+    except CheckpointError:
+        return []
+    if manifest is None:
+        return []
+    metric = manifest.get("metrics", {}).get(metric_name)
+    return [(LATEST, int(manifest["step"]), float(metric) if isinstance(metric, (int, float)) else None)]
