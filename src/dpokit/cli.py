@@ -209,6 +209,47 @@ def ckpt_main(argv: list[str]) -> int:
     return run_guarded(commands[args.command], args.traceback)
 
 
+def runs_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dpokit runs", description="List run directories with their progress.")
+    parser.add_argument("dir", nargs="?", type=Path, default=None,
+                        help="where the runs are (default: {first existing of .cache ...}/{user}, as local_dirs)")  # fmt: skip
+
+    def run() -> int:
+        from dpokit.config import Config, get_local_dir
+        from dpokit.runs import describe, find_runs, table
+
+        root = args.dir if args.dir is not None else Path(get_local_dir(Config().local_dirs))
+        if not root.is_dir():
+            raise DpokitError(f"{root} is not a directory")
+        found = find_runs(root)
+        if not found:
+            print(f"no run directories under {root}")
+            return 0
+        print(table([describe(r) for r in found]))
+        return 0
+
+    args = parser.parse_args(argv)
+    return run_guarded(run)
+
+
+def plot_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dpokit plot", description="Plot training curves of one or more runs.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="PNG to write (default: RUN_DIR/metrics.png for one run, ./runs.png for several)")  # fmt: skip
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from dpokit.plotting import plot_runs
+
+        out = args.output or (args.run_dirs[0] / "metrics.png" if len(args.run_dirs) == 1 else Path("runs.png"))
+        print(f"wrote {plot_runs(args.run_dirs, out, args.title)}")
+        return 0
+
+    return run_guarded(run)
+
+
 USAGE = """usage: dpokit COMMAND ...
 
 commands:
@@ -219,6 +260,8 @@ commands:
   ckpt diff A B           compare the policy tensors of two checkpoints
   ckpt export CKPT OUT    export the policy to a Hugging Face model directory
   ckpt consolidate DIR OUT   turn a sharded checkpoint into the three-file one
+  runs [DIR]              the runs under DIR: status, examples, losses, reward accuracy, checkpoints
+  plot RUN_DIR ... [-o F] loss, reward accuracy and margin, log-probs against examples, one line per run
 """
 
 
@@ -241,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded(lambda: train_or_launch(rest), show_tb)
     if command == "ckpt":
         return ckpt_main(rest)
+    if command == "runs":
+        return runs_main(rest)
+    if command == "plot":
+        return plot_main(rest)
     print(f"dpokit: error: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return EXIT_USER_ERROR
 

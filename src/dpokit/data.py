@@ -43,12 +43,13 @@ def load_examples(
     on_bad_row: str = "auto",
     render: ChatRenderer | None = None,
     log: Callable[[str], None] = print,
+    reported: set | None = None,
 ) -> list[Example]:
     """The examples of every dataset named in config key `datasets`, mixed as in the reference."""
     examples = []
     for name in names:
         mode = parse_spec(name).truncation_mode
-        for prompt, entry in get_dataset(name, split, cache_dir, on_bad_row, render, log).items():
+        for prompt, entry in get_dataset(name, split, cache_dir, on_bad_row, render, log, reported).items():
             examples.append(Example(prompt, entry["responses"], entry["pairs"], entry["sft_target"], mode, name))
     return examples
 
@@ -311,8 +312,9 @@ def prepare_data(cfg: Any, tokenizer: Any, log: Callable[[str], None] = print, p
         "log": log,
     }
     splits = {}
+    reported: set = set()  # each bad-row report once per run
     for split in ("train", "test"):
-        examples = load_examples(list(cfg.datasets), split, cache_dir, cfg.data.on_bad_row, render, log)
+        examples = load_examples(list(cfg.datasets), split, cache_dir, cfg.data.on_bad_row, render, log, reported)
         splits[split] = (examples, tokenize_examples(examples, tokenizer, **settings))
     return PreparedData(*splits["train"], *splits["test"])
 

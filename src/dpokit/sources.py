@@ -61,7 +61,7 @@ class Spec:
 
     @property
     def own_data(self) -> bool:
-        """Files the user can fix (the named datasets' rows are not theirs to edit)."""
+        """Data given by path, which the user can fix; the named datasets' rows are not theirs to edit."""
         return self.kind not in NAMED
 
     @property
@@ -74,8 +74,8 @@ def parse_spec(text: str) -> Spec:
     if text in NAMED:
         return Spec(text, text)
     prefix, sep, rest = text.partition(":")
-    if sep and prefix == "hh":
-        return Spec(text, "hh_local", Path(rest).expanduser())
+    if sep and prefix in ("hh", "shp", "se") and rest:
+        return Spec(text, f"{prefix}_local", Path(rest).expanduser())
     if sep and prefix in FILE_FORMATS and rest:
         path, _, query = rest.partition("?test=")
         return Spec(text, prefix, Path(path).expanduser(), Path(query).expanduser() if query else None)
@@ -83,16 +83,13 @@ def parse_spec(text: str) -> Spec:
 
     raise DataError(
         f"unknown dataset '{text}' in config key 'datasets'{did_you_mean(text, list(NAMED))}; known: "
-        f"{', '.join(NAMED)}, hh:PATH (a local copy of Anthropic/hh-rlhf), or your own file as "
+        f"{', '.join(NAMED)}, hh:PATH, shp:PATH or se:PATH (local copies in the hub's layout), or your own file as "
         f"jsonl:PATH, json:PATH, parquet:PATH or disk:DIR"
     )
 
 
 # ============================================================================================
 # bad rows
-
-
-_reported: set[tuple[str, str]] = set()  # (dataset, report): a file split by hash is reported once
 
 
 @dataclass
@@ -117,17 +114,21 @@ class BadRows:
             text = "; ".join(f"{where}: {why}" for where, why in self.found)
         return text + ("; ..." if self.count > len(self.found) else "")
 
-    def settle(self, spec: Spec, split: str, policy: str, log: Callable[[str], None]) -> None:
+    def settle(
+        self, spec: Spec, split: str, policy: str, log: Callable[[str], None], reported: set | None = None
+    ) -> None:
         """Refuse (policy 'error') or report and skip ('skip'); 'auto' refuses the user's own
-        files and skips in the named datasets, whose rows cannot be fixed."""
+        files and skips in the named datasets, whose rows cannot be fixed. A report already in
+        `reported` is not repeated (both splits of a file split by hash see the same bad rows)."""
         if not self.count:
             return
         what = f"dataset '{spec.text}' has {self.count} bad row(s) in {self.seen} ({self.describe()})"
         if policy == "error" or (policy == "auto" and spec.own_data):
             raise DataError(f"{what}; fix them, or pass data.on_bad_row=skip to train without them")
-        if (spec.text, what) not in _reported:
-            _reported.add((spec.text, what))
+        if reported is None or what not in reported:
             log(f"WARNING: {what}; skipped (data.on_bad_row={policy})")
+        if reported is not None:
+            reported.add(what)
 
 
 def check_pair(prompt: str, chosen: str, rejected: str, where: str, bad: BadRows) -> bool:
@@ -279,10 +280,9 @@ def get_hh_hub(split: str, cache_dir: str | None, bad: BadRows) -> PromptTable:
     )
 
 
-def get_shp(split: str, cache_dir: str | None, bad: BadRows) -> PromptTable:
-    """Stanford Human Preferences; keeps pairs whose score ratio is at least 2; the SFT target is
-    a prompt's best-scored response."""
-    rows = load_hub("shp", "stanfordnlp/SHP", split, cache_dir)
+def shp_table(rows: Iterable[dict], where: str, bad: BadRows) -> PromptTable:
+    """Stanford Human Preferences rows -> prompt table: pairs whose score ratio is at least 2;
+    the SFT target is a prompt's best-scored response."""
     data: PromptTable = {}
     for i, row in enumerate(rows):
         scores = [row["score_A"], row["score_B"]]
@@ -291,7 +291,7 @@ def get_shp(split: str, cache_dir: str | None, bad: BadRows) -> PromptTable:
         prompt = HUMAN + " " + row["history"] + ASSISTANT
         a, b = " " + row["human_ref_A"], " " + row["human_ref_B"]
         chosen, rejected = (a, b) if row["labels"] == 1 else (b, a)
-        if not check_pair(prompt, chosen, rejected, f"stanfordnlp/SHP {split} row {i}", bad):
+        if not check_pair(prompt, chosen, rejected, f"{where} {i}", bad):
             continue
         entry = data.setdefault(prompt, {"responses": [], "pairs": [], "scores": []})
         n = len(entry["responses"])
@@ -337,7 +337,7 @@ def strip_html(text: str) -> str:
 
 def se_table(rows: Iterable[dict], where: str, bad: BadRows) -> PromptTable:
     """StackExchange rows -> prompt table: HTML stripped except code, every pair of answers
-    ordered by score (equal scores make no pair), the best-scored answer as SFT target."""
+    ordered by score, the best-scored answer as SFT target."""
     data: PromptTable = {}
     for i, row in enumerate(rows):
         prompt = HUMAN + " " + strip_html(row["question"]) + ASSISTANT
@@ -345,9 +345,7 @@ def se_table(rows: Iterable[dict], where: str, bad: BadRows) -> PromptTable:
         scores = [a["pm_score"] for a in row["answers"]]
         pairs = []
         for a, b in itertools.combinations(range(len(responses)), 2):
-            if scores[a] == scores[b]:
-                continue
-            pair = (a, b) if scores[a] > scores[b] else (b, a)
+            pair = (a, b) if scores[a] > scores[b] else (b, a)  # the reference's order, ties included
             if check_pair(prompt, responses[pair[0]], responses[pair[1]], f"{where} {i}", bad):
                 pairs.append(pair)
         if pairs:
@@ -356,13 +354,64 @@ def se_table(rows: Iterable[dict], where: str, bad: BadRows) -> PromptTable:
     return data
 
 
-def get_se(split: str, cache_dir: str | None, bad: BadRows) -> PromptTable:
-    """StackExchange preferences; 1% (seeded shuffle) is the test split."""
-    rows = load_hub("se", "HuggingFaceH4/stack-exchange-preferences", "train", cache_dir)
+def get_shp(split: str, cache_dir: str | None, bad: BadRows, path: Path | None = None) -> PromptTable:
+    """From the hub, or a local copy in its layout: `{domain}/{split}.json` files (or one file,
+    split by prompt hash)."""
+    if path is None:
+        return shp_table(load_hub("shp", "stanfordnlp/SHP", split, cache_dir), f"stanfordnlp/SHP {split} row", bad)
+    rows, hash_split = _local_hub_copy(path, split, "shp")
+    table = shp_table(rows, f"{path} ({split}) row", bad)
+    if hash_split:
+        table = {p: e for p, e in table.items() if is_test_prompt(p) == (split == "test")}
+    return table
+
+
+def get_se(split: str, cache_dir: str | None, bad: BadRows, path: Path | None = None) -> PromptTable:
+    """StackExchange preferences (the hub's, or a local copy: its parquet or JSON files); 1%
+    (seeded shuffle) is the test split, as in the reference."""
+    if path is None:
+        rows = load_hub("se", "HuggingFaceH4/stack-exchange-preferences", "train", cache_dir)
+    else:
+        rows, _ = _local_hub_copy(path, None, "se")
     rows = rows.shuffle(seed=42)
     n_test = int(len(rows) * 0.01)
     rows = rows.select(range(n_test)) if split == "test" else rows.select(range(n_test, len(rows)))
     return se_table(rows, f"HuggingFaceH4/stack-exchange-preferences {split} row", bad)
+
+
+def _quiet_datasets() -> Any:
+    import datasets
+
+    datasets.disable_progress_bars()  # dpokit shows its own progress; these would only clutter logs
+    return datasets
+
+
+def _local_hub_copy(path: Path, split: str | None, name: str) -> tuple[Any, bool]:
+    """The rows of a local copy of a hub dataset: a file, or a directory of `{split}.*` files
+    (all files when split is None); returns (rows, whether the caller must split by hash)."""
+    datasets = _quiet_datasets()
+
+    if not path.exists():
+        raise DataError(f"dataset path {path} (config key 'datasets', '{name}:...') does not exist")
+    suffixes = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
+    if path.is_file():
+        files, hash_split = [path], split is not None
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes)
+                       and (split is None or p.name.split(".")[0] == split))  # fmt: skip
+        hash_split = False
+        if not files:
+            wanted = f"{split}.json or {split}.parquet" if split else "JSON or parquet"
+            raise DataError(f"dataset directory {path} has no {wanted} files (the hub's layout for '{name}')")
+    builder = "parquet" if files[0].name.endswith(".parquet") else "json"
+    with tempfile.TemporaryDirectory(prefix="dpokit-rows-") as scratch:
+        try:
+            rows = datasets.load_dataset(
+                builder, data_files=[str(f) for f in files], split="train", cache_dir=scratch, keep_in_memory=True
+            )
+        except Exception as err:
+            raise DataError(_unreadable(files[0], builder, err)) from None
+    return rows, hash_split
 
 
 # ============================================================================================
@@ -372,7 +421,7 @@ def get_se(split: str, cache_dir: str | None, bad: BadRows) -> PromptTable:
 def _file_rows(spec: Spec, path: Path) -> tuple[Any, Callable[[int], str]]:
     """The rows of one file (or save_to_disk directory) through the datasets library, and a
     function from row index to where it is ('file, line N' for JSON lines)."""
-    import datasets
+    datasets = _quiet_datasets()
 
     if not path.exists():
         raise DataError(f"dataset file {path} (config key 'datasets', '{spec.text}') does not exist")
@@ -507,6 +556,7 @@ def get_dataset(
     on_bad_row: str = "auto",
     render: ChatRenderer | None = None,
     log: Callable[[str], None] = print,
+    reported: set | None = None,
 ) -> PromptTable:
     """Load one dataset split by its config entry, bad rows refused or skipped."""
     spec = parse_spec(name)
@@ -518,11 +568,11 @@ def get_dataset(
         table = get_hh_local(Path(str(resources.files("dpokit") / BUNDLED["hh_sample"])), split, bad)
     elif spec.kind == "hh":
         table = get_hh_hub(split, cache_dir, bad)
-    elif spec.kind == "shp":
-        table = get_shp(split, cache_dir, bad)
-    elif spec.kind == "se":
-        table = get_se(split, cache_dir, bad)
+    elif spec.kind in ("shp", "shp_local"):
+        table = get_shp(split, cache_dir, bad, spec.path)
+    elif spec.kind in ("se", "se_local"):
+        table = get_se(split, cache_dir, bad, spec.path)
     else:
         table = get_file_dataset(spec, split, cache_dir, bad, render)
-    bad.settle(spec, split, on_bad_row, log)
+    bad.settle(spec, split, on_bad_row, log, reported)
     return table
