@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -341,16 +342,21 @@ def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
 def test_bad_input_is_refused_before_any_process_or_directory(tmp_path, dpo_sharded):
     runs = tmp_path / "runs"
     common = ["trainer=FSDPTrainer", "nproc=2", "exp_name=bad", f"local_dirs=[{runs}]", *FAST[1:]]
-    _one_line_error(run_cli_cpu("train", *common, "model.block_name=GPT2Layer"), "model.block_name", "GPT2Block")
-    _one_line_error(run_cli_cpu("train", *common, "batch_size=6", "gradient_accumulation_steps=2"),
-                    "batch_size' (6)", "gradient_accumulation_steps (2)", "processes (2)")  # fmt: skip
+    commands = {
+        "block": ("train", *common, "model.block_name=GPT2Layer"),
+        "batch": ("train", *common, "batch_size=6", "gradient_accumulation_steps=2"),
+        "archive": ("train", *FAST, f"local_dirs=[{runs}]", "exp_name=x", "loss=dpo", "loss.beta=0.1",
+                    f"model.archive={dpo_sharded / 'step-8'}"),
+        "diff": ("ckpt", "diff", str(dpo_sharded / "step-8"), str(dpo_sharded / "LATEST")),
+    }  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each mostly imports torch
+        result = dict(zip(commands, pool.map(lambda c: run_cli_cpu(*c), commands.values()), strict=True))
+    _one_line_error(result["block"], "model.block_name", "GPT2Block")
+    _one_line_error(result["batch"], "batch_size' (6)", "gradient_accumulation_steps (2)", "processes (2)")
     assert not runs.exists()
-    message = _one_line_error(run_cli_cpu("train", *FAST, f"local_dirs=[{runs}]", "exp_name=x", "loss=dpo",
-                                      "loss.beta=0.1", f"model.archive={dpo_sharded / 'step-8'}"))  # fmt: skip
+    message = _one_line_error(result["archive"])
     assert "sharded" in message and "dpokit ckpt consolidate" in message
-    assert "consolidate" in _one_line_error(
-        run_cli_cpu("ckpt", "diff", str(dpo_sharded / "step-8"), str(dpo_sharded / "LATEST"))
-    )
+    assert "consolidate" in _one_line_error(result["diff"])
 
 
 # ============================================================================================
@@ -400,8 +406,9 @@ def test_reference_fsdp_command_lines_run(tmp_path):
     ).save_pretrained(model_dir)  # fmt: skip
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(resolve_model_path("tiny")) / name, model_dir / name)
+    # a short run: one step, and sequences cut shorter than the reference's 512 to keep it quick on a CPU
     common = [f"model.name_or_path={model_dir}", "datasets=[hh_sample]", "n_examples=64", "n_eval_examples=32",
-              f"local_dirs=[{tmp_path / 'runs'}]"]  # fmt: skip
+              "max_length=128", "max_prompt_length=64", f"local_dirs=[{tmp_path / 'runs'}]"]  # fmt: skip
     reference_line = [
         "model=pythia28",
         "loss=sft",
