@@ -215,3 +215,22 @@ def test_archive_with_numpy_metrics_loads(tmp_path):
     payload = load_payload(path)
     assert payload["step_idx"] == 5 and payload["metrics"] == {"loss/eval": 1.25, "acc": 0.5}
     assert all(type(v) is float for v in payload["metrics"].values())
+
+
+# ============================================================================================
+# optional sinks
+
+
+def test_tensorboard_receives_the_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpokit.train import main
+
+    summary = main([*SHORT, "exp_name=tb", f"local_dirs=[{tmp_path}]", "tensorboard.enabled=true"])
+    events = EventAccumulator(str(Path(summary["run_dir"]) / "tensorboard"))
+    events.Reload()
+    train = [(e.step, e.value) for e in events.Scalars("loss/train")]
+    logged = [(r["step"], r["loss/train"]) for r in metrics_log(summary["run_dir"]) if "loss/train" in r]
+    assert [s for s, _ in train] == [s for s, _ in logged]
+    assert all(abs(a - b) <= 1e-6 * abs(b) for (_, a), (_, b) in zip(train, logged, strict=True))  # stored as float32
+    assert [e.step for e in events.Scalars("loss/eval")] == [0, 8, 12]
