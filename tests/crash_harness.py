@@ -97,8 +97,10 @@ def _wait(proc: subprocess.Popen, condition: Callable[[], bool], what: str) -> b
     return True
 
 
-def kill_cycle(run_dir: Path, mode: str, n_examples: int, rng: random.Random, report: Report, env: dict) -> None:
-    cmd = [str(BIN / "dpokit"), "train", *ARGS, f"n_examples={n_examples}", f"local_run_dir={run_dir}"]
+def kill_cycle(
+    run_dir: Path, mode: str, n_examples: int, rng: random.Random, report: Report, env: dict, extra: list[str]
+) -> None:
+    cmd = [str(BIN / "dpokit"), "train", *ARGS, *extra, f"n_examples={n_examples}", f"local_run_dir={run_dir}"]
     if _has_checkpoint(run_dir):
         cmd.append(f"resume={run_dir}")
     seen, steps = _staging(run_dir), len(_train_steps(run_dir))
@@ -139,7 +141,14 @@ def kill_cycle(run_dir: Path, mode: str, n_examples: int, rng: random.Random, re
             report.bad.append(f"kill {report.kills}: " + " | ".join(failures))
 
 
-def run(workdir: Path, kills: int, seed: int = 0, min_mid_save: int = 3, min_final_save: int = 1) -> Report:
+def run(
+    workdir: Path,
+    kills: int,
+    seed: int = 0,
+    min_mid_save: int = 3,
+    min_final_save: int = 1,
+    extra: list[str] | None = None,
+) -> Report:
     """`kills` kills: mostly inside saves, some during training, and (once the run has finished
     and published LATEST) inside later saves of LATEST. Cycles go on, up to 4 * kills, until at
     least `min_mid_save` kills landed inside a save and `min_final_save` inside a save of LATEST."""
@@ -155,7 +164,7 @@ def run(workdir: Path, kills: int, seed: int = 0, min_mid_save: int = 3, min_fin
         if not report.latest_published and report.kills >= kills // 2:
             # let the run finish once, so that LATEST exists, then extend it for saves of LATEST
             subprocess.run(
-                [str(BIN / "dpokit"), "train", *ARGS, f"n_examples={n_examples}", f"local_run_dir={run_dir}",
+                [str(BIN / "dpokit"), "train", *ARGS, *(extra or []), f"n_examples={n_examples}", f"local_run_dir={run_dir}",
                  *([f"resume={run_dir}"] if _has_checkpoint(run_dir) else [])],
                 env=env, capture_output=True, check=True,
             )  # fmt: skip
@@ -166,7 +175,7 @@ def run(workdir: Path, kills: int, seed: int = 0, min_mid_save: int = 3, min_fin
             mode = "final_save" if report.in_final_save < min_final_save or rng.random() < 0.5 else "save"
         else:
             mode = "training" if rng.random() < 0.25 else "save"
-        kill_cycle(run_dir, mode, n_examples, rng, report, env)
+        kill_cycle(run_dir, mode, n_examples, rng, report, env, extra or [])
     return report
 
 
@@ -176,10 +185,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("extra", nargs="*", help="more dpokit train arguments, e.g. checkpoint.async=true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        result = run(Path(tmp), args.kills, args.seed)
+        result = run(Path(tmp), args.kills, args.seed, extra=args.extra)
         summary = {
             "kills": result.kills,
             "kills_mid_save": result.mid_save,

@@ -34,6 +34,7 @@ PREFERENCE_LOSSES = ("dpo", "ipo")
 TRAINERS = ("BasicTrainer", "FSDPTrainer")
 CHECKPOINT_FORMATS = ("full", "sharded")
 LIST_KEYS = ("datasets", "local_dirs")
+KEY_ALIASES = {"checkpoint.async": "checkpoint.async_save"}  # `async` is a Python keyword, not a field name
 
 
 def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -123,6 +124,11 @@ class CheckpointConfig:
         "'full': the reference's policy.pt/optimizer.pt/scheduler.pt; 'sharded': every process writes its part (FSDP)",
         "full",
     )
+    async_save: bool = _doc(
+        "the loop waits only for a copy of the state in memory; a background thread writes it with the same "
+        "guarantees (also spelled checkpoint.async)",
+        False,
+    )
     on_interrupt: str = _doc(
         "on Ctrl-C or SIGTERM: 'stop' after the current step, 'save' a checkpoint first (both name the resume command)",
         "stop",
@@ -172,6 +178,22 @@ class Config:
     optimizer: str = _doc("name of a torch.optim optimizer class", "RMSprop")
     warmup_steps: int = _doc("optimizer steps of linear learning-rate warmup", 150)
     activation_checkpointing: bool = _doc("recompute activations in backward to save memory", False)
+    tf32: bool = _doc("CUDA: TF32 matrix multiplies for float32 (the reference's setting); false for full fp32", True)
+    mixed_precision: Optional[str] = _doc(
+        "BasicTrainer: 'bf16' runs forward passes under bfloat16 autocast (weights and optimizer stay in policy_dtype)",
+        None,
+    )
+    precompute_ref_log_probs: bool = _doc(
+        "DPO/IPO: compute the reference model's log-probs of every pair once (cached on disk), then free it", False
+    )
+    length_groups: int = _doc(
+        "split each micro-batch into this many groups of similar length: less padding, the same loss and gradient", 1
+    )
+    sampler: str = _doc(
+        "'random' (the reference's order) or 'length_grouped' (batches of similar lengths: faster, another order)",
+        "random",
+    )
+    final_eval: bool = _doc("evaluate after the last step (its metrics go into LATEST); false: LATEST gets {}", True)
     eval_every: int = _doc("evaluate and save a checkpoint every this many training examples", 20_000)
     minimum_log_interval_secs: float = _doc("do not log training metrics more often than this", 1.0)
     resume: Optional[str] = _doc(
@@ -260,6 +282,7 @@ def parse_args(args: list[str], base: Optional[dict] = None) -> DictConfig:
             raise ConfigError(f"argument '{arg}' is not of the form key=value")
         key, value = arg.split("=", 1)
         key = key.lstrip("+")  # Hydra's '+key=' / '++key=' append syntax: same meaning here
+        key = KEY_ALIASES.get(key, key)
         if not key:
             raise ConfigError(f"argument '{arg}' has an empty key")
         if key in GROUPS:
@@ -330,6 +353,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         "checkpoint.keep_last",
         "checkpoint.keep_best",
         "nproc",
+        "length_groups",
     ):
         positive(key)
     for key in ("warmup_steps", "n_eval_model_samples", "minimum_log_interval_secs"):
@@ -357,11 +381,27 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(
             f"config key 'trainer' is '{cfg.trainer}', which this version does not provide; use one of: {', '.join(TRAINERS)}"
         )
+    if cfg.mixed_precision not in (None, "bf16"):
+        raise ConfigError(f"config key 'mixed_precision' must be bf16 or null, got '{cfg.mixed_precision}'")
+    if cfg.mixed_precision is not None and cfg.trainer == "FSDPTrainer":
+        raise ConfigError(
+            "config key 'mixed_precision' is for BasicTrainer; FSDPTrainer's is model.fsdp_policy_mp=bfloat16"
+        )
+    if cfg.sampler not in ("random", "length_grouped"):
+        raise ConfigError(f"config key 'sampler' must be random or length_grouped, got '{cfg.sampler}'")
+    if cfg.precompute_ref_log_probs and cfg.loss.name not in PREFERENCE_LOSSES:
+        raise ConfigError(
+            f"config key 'precompute_ref_log_probs' needs a reference model: loss=dpo or ipo, not {cfg.loss.name}"
+        )
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"config key 'device' must be auto, cpu or cuda, got '{cfg.device}'")
     for key, allowed in (("data.on_bad_row", ("auto", "error", "skip")), ("checkpoint.on_interrupt", ("stop", "save"))):
         if OmegaConf.select(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be {' or '.join(allowed)}, got '{OmegaConf.select(cfg, key)}'")
+    if cfg.checkpoint.async_save and cfg.checkpoint.format != "full":
+        raise ConfigError(
+            "config key 'checkpoint.async_save' works with checkpoint.format=full (sharded saves are synchronous)"
+        )
     if cfg.checkpoint.format not in CHECKPOINT_FORMATS:
         raise ConfigError(
             f"config key 'checkpoint.format' must be one of {', '.join(CHECKPOINT_FORMATS)}, got '{cfg.checkpoint.format}'"

@@ -123,7 +123,7 @@ def tokenize_element(
 ) -> dict:
     """Token ids, attention masks and labels for one (prompt, chosen, rejected) triple: no special
     tokens added, EOS appended to each response (and refused inside the text), then truncated."""
-    ids = tokenizer([prompt, chosen, rejected], add_special_tokens=False)["input_ids"]
+    ids = tokenizer([prompt, chosen, rejected], add_special_tokens=False, verbose=False)["input_ids"]
     p = _check_no_eos(tokenizer, ids[0], prompt, "prompt", source)
     c = _check_no_eos(tokenizer, ids[1], chosen, "chosen response", source) + [tokenizer.eos_token_id]
     r = _check_no_eos(tokenizer, ids[2], rejected, "rejected response", source) + [tokenizer.eos_token_id]
@@ -217,7 +217,8 @@ def tokenize_examples(
     for start in range(0, len(examples), chunk):
         part = examples[start : start + chunk]
         texts = [t for ex in part for t in (ex.prompt, *(x for item in _items(ex, sft_mode) for x in item))]
-        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+        # verbose=False: texts longer than the tokenizer's model_max_length are expected; truncation is ours
+        encoded = iter(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
         for k, ex in enumerate(part):
             prompt_ids = _check_no_eos(tokenizer, next(encoded), ex.prompt, "prompt", ex.source)
             items = []
@@ -322,6 +323,8 @@ def prepare_data(cfg: Any, tokenizer: Any, log: Callable[[str], None] = print, p
 # --------------------------------------------------------------------------------------------
 # batches
 
+LENGTH_WINDOW = 50  # sampler=length_grouped sorts within windows of this many batches
+
 
 class BatchIterator:
     """Iterates collated batches; stops after n_epochs or n_examples, whichever comes first.
@@ -348,6 +351,7 @@ class BatchIterator:
         skip_batches: int = 0,
         split: str = "train",
         tokenized: TokenizedSplit | None = None,
+        sampler: str = "random",
     ) -> None:
         if n_epochs is None and n_examples is None:
             raise ValueError("give n_epochs or n_examples")
@@ -366,6 +370,7 @@ class BatchIterator:
         self.tokenized, self.pad_token_id = tokenized, tokenizer.pad_token_id
         self.batch_size, self.sft_mode, self.seed, self.shuffle = batch_size, sft_mode, seed, shuffle
         self.n_epochs, self.n_examples, self.skip_batches = n_epochs, n_examples, skip_batches
+        self.sampler = sampler
 
     def __len__(self) -> int:
         """Batches in the whole stream (those skipped on resume included)."""
@@ -382,27 +387,47 @@ class BatchIterator:
             return np.arange(len(self.examples))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
 
-    def _raw_batches(self) -> Iterator[list[tuple[int, int]]]:
-        """(example index, item index) of each batch."""
-        seen = 0
+    def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """The epoch's full batches of (example index, item index), in order."""
         first = self.tokenized.first_item.tolist()
+        items = [(int(idx), item) for idx in self._order(epoch) for item in range(first[idx], first[idx + 1])]
+        batches = [items[i : i + self.batch_size] for i in range(0, len(items) - self.batch_size + 1, self.batch_size)]
+        if self.sampler == "length_grouped":
+            batches = self._grouped_by_length(items, epoch)
+        return batches
+
+    def _grouped_by_length(self, items: list[tuple[int, int]], epoch: int) -> list[list[tuple[int, int]]]:
+        """Within windows of LENGTH_WINDOW batches of the shuffled stream, items sorted by length
+        and cut into batches, which are then shuffled: each batch holds similar lengths (less
+        padding), the order of the data is not the reference's. Seeded, so resume stays exact."""
+        o = self.tokenized.offsets
+        lengths = (o[:, 1] - o[:, 0] + torch.maximum(o[:, 2] - o[:, 1], o[:, 3] - o[:, 2])).tolist()
+        window = LENGTH_WINDOW * self.batch_size
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        batches = []
+        usable = len(items) - len(items) % self.batch_size
+        for start in range(0, usable, window):
+            chunk = sorted(items[start : min(start + window, usable)], key=lambda it: lengths[it[1]])
+            group = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [group[i] for i in rng.permutation(len(group))]
+        return batches
+
+    def _raw_batches(self) -> Iterator[list[tuple[int, int]]]:
+        seen = 0
         for epoch in itertools.count():
             if self.n_epochs is not None and epoch >= self.n_epochs:
                 return
-            batch = []
-            for idx in self._order(epoch):
-                for item in range(first[idx], first[idx + 1]):
-                    batch.append((int(idx), item))
-                    seen += 1
-                    if len(batch) == self.batch_size:
-                        yield batch
-                        batch = []
-                        if self.n_examples is not None and seen >= self.n_examples:
-                            return
+            for batch in self._epoch_batches(epoch):
+                yield batch
+                seen += len(batch)
+                if self.n_examples is not None and seen >= self.n_examples:
+                    return
 
     def __iter__(self) -> Iterator[dict]:
         for raw in itertools.islice(self._raw_batches(), self.skip_batches, None):
-            yield collate([self.element(idx, item) for idx, item in raw], self.pad_token_id)
+            batch = collate([self.element(idx, item) for idx, item in raw], self.pad_token_id)
+            batch["item_index"] = torch.tensor([item for _, item in raw])  # for per-item data (reference log-probs)
+            yield batch
 
     def element(self, idx: int, item: int) -> dict:
         ex = self.examples[idx]
@@ -412,6 +437,55 @@ class BatchIterator:
             return {k: v for k, v in element.items() if "rejected" not in k}
         a, b = ex.pairs[item - int(self.tokenized.first_item[idx])]
         return build_element(ex.prompt, ex.responses[a], ex.responses[b], p, c, r)
+
+
+def length_groups(batch: dict, n_groups: int) -> list[tuple[dict, int]]:
+    """A batch split into up to n_groups sub-batches of similar sequence length, each with the
+    padding columns no row of it needs cut off; returns (sub-batch, rows). The rows' losses,
+    weighted by rows / batch rows, add up to the batch's mean: the same loss and gradient, with
+    less padding computed."""
+    masks = [k for k in batch if k.endswith("_attention_mask") and not k.startswith("prompt")]
+    n_rows = len(batch[masks[0]])
+    if n_groups <= 1 or n_rows <= 1:
+        return [(batch, n_rows)]
+    lengths = torch.stack([batch[k].sum(-1) for k in masks]).amax(0)
+    order = torch.argsort(lengths, stable=True)
+    groups = []
+    for rows in order.tensor_split(min(n_groups, n_rows)):
+        part: dict[str, Any] = {}
+        longest = int(lengths[rows].max())
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value[rows]
+                # sequences are right-padded: their columns past the longest row are padding only
+                if key.endswith(("_input_ids", "_attention_mask", "_labels")) and not key.startswith("prompt"):
+                    value = value[:, :longest]
+                part[key] = value
+            else:
+                part[key] = [value[i] for i in rows.tolist()]
+        groups.append((part, len(rows)))
+    return groups
+
+
+def every_item(iterator: BatchIterator, batch_size: int) -> Iterator[dict]:
+    """Every item of a split once, in item order, as batches of batch_size (the last one filled up
+    by repeating its last item, so that it still divides among processes)."""
+    first = iterator.tokenized.first_item.tolist()
+    items = [(idx, item) for idx in range(len(iterator.examples)) for item in range(first[idx], first[idx + 1])]
+    for start in range(0, len(items), batch_size):
+        raw = items[start : start + batch_size]
+        raw += [raw[-1]] * (batch_size - len(raw))
+        batch = collate([iterator.element(idx, item) for idx, item in raw], iterator.pad_token_id)
+        batch["item_index"] = torch.tensor([item for _, item in raw])
+        yield batch
+
+
+def token_counts(batch: dict) -> torch.Tensor:
+    """(real, padded) tokens a batch puts through the policy: chosen and rejected are padded to
+    one length and run together (SFT: chosen only)."""
+    masks = [batch[k] for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
+    real = sum(int(m.sum()) for m in masks)
+    return torch.tensor([real, len(masks) * masks[0].shape[0] * max(m.shape[1] for m in masks)])
 
 
 def train_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int, skip_batches: int = 0) -> BatchIterator:
@@ -428,6 +502,7 @@ def train_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int, skip
         n_examples=cfg.n_examples,
         skip_batches=skip_batches,
         tokenized=data.train_tokens,
+        sampler=cfg.sampler,
     )
 
 

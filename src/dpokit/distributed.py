@@ -117,6 +117,19 @@ class Distribution(Protocol):
     def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None: ...
 
 
+def configure_tf32(enabled: bool) -> None:
+    """CUDA float32 matrix multiplies in TF32 (the reference enables it at import) or full fp32."""
+    if not torch.cuda.is_available():
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # the spelling of torch >= 2.9; allow_tf32 is deprecated
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        torch.backends.cudnn.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """config key `device`: auto is this process's CUDA device when there is one, else the CPU."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def preference_loss(
@@ -47,20 +48,42 @@ def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
     return -policy_logps
 
 
+LOGSUMEXP_ROWS = 4  # sequences per chunk when half-precision logits are reduced in fp32
+
+
+def _logsumexp_fp32(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
 def batch_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or mean) of log p(label) over the labelled positions of each sequence.
+    """Sum (or mean) of log p(label) over the labelled positions of each sequence, in float32
+    (or wider).
 
     logits: (batch, seq, vocab); labels: (batch, seq) with -100 where nothing is predicted
     (prompt and padding). Position t's logits predict token t+1, hence the shift.
+    log p(y) = logit[y] - logsumexp(logits): no (batch, seq, vocab) log-softmax is kept for
+    backward, and half-precision logits are reduced in fp32 a few sequences at a time
+    (recomputed in backward), so no full fp32 copy of them exists either. The numbers are
+    those of log_softmax in fp32, up to rounding.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
-    labels = labels[:, 1:].clone()
+    labels = labels[:, 1:]
     logits = logits[:, :-1, :]
     mask = labels != -100
-    labels[~mask] = 0  # any valid index; masked out below
-    per_token = torch.gather(logits.log_softmax(-1), dim=2, index=labels.unsqueeze(2)).squeeze(2)
-    total = (per_token * mask).sum(-1)
+    index = labels.masked_fill(~mask, 0).unsqueeze(2)  # any valid index; masked out below
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    picked = torch.gather(logits, dim=2, index=index).squeeze(2).to(wide)
+    if logits.dtype == wide:
+        lse = torch.logsumexp(logits, dim=-1)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        lse = torch.cat([
+            torch.utils.checkpoint.checkpoint(_logsumexp_fp32, chunk, use_reentrant=False)
+            for chunk in logits.split(LOGSUMEXP_ROWS)
+        ])  # fmt: skip
+    else:
+        lse = torch.cat([_logsumexp_fp32(chunk) for chunk in logits.split(LOGSUMEXP_ROWS)])
+    total = ((picked - lse) * mask).sum(-1)
     return total / mask.sum(-1) if average else total
 
 

@@ -98,6 +98,7 @@ def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, wor
             trainer.train()
         except StopTraining as stop:
             saved = trainer.save_on_interrupt()
+            trainer.checkpointer.wait()  # a save in flight finishes before the process ends
             last = newest_complete(run_dir, checksums=False, log=lambda _m: None)
             status("interrupted", examples=stop.examples)
             raise Interrupted(
@@ -107,6 +108,7 @@ def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, wor
                 + f"; resume with: dpokit train resume={run_dir if last else '...'}"
             ) from None
         trainer.save(None, trainer.final_metrics)
+        trainer.checkpointer.wait()
         trainer.tracker.close()
     except Interrupted:
         raise

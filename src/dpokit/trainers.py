@@ -10,6 +10,7 @@ business (`dpokit.distributed`); what goes to disk and how is the `Checkpointer`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -29,9 +30,29 @@ from omegaconf import DictConfig, OmegaConf
 from dpokit import losses, progress
 from dpokit.checkpoint import Checkpointer, CheckpointSettings
 from dpokit.config import PREFERENCE_LOSSES
-from dpokit.data import PreparedData, cache_dir_for, eval_iterator, prepare_data, train_iterator
-from dpokit.distributed import FSDP2, Distribution, SingleProcess
+from dpokit.data import (
+    PreparedData,
+    cache_dir_for,
+    eval_iterator,
+    length_groups,
+    prepare_data,
+    token_counts,
+    train_iterator,
+)
+from dpokit.distributed import FSDP2, Distribution, SingleProcess, configure_tf32
 from dpokit.tracking import Tracker, drop_metrics_after
+
+
+def state_fingerprint(state: Any) -> str:
+    """xxh3 of every tensor's bytes (a model, or a dict of tensors): what identifies weights or data."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    items = state.state_dict().items() if isinstance(state, nn.Module) else state.items()
+    for name, tensor in sorted(items):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def rank0_print(*args: Any, rank: int = 0, **kwargs: Any) -> None:
@@ -80,11 +101,6 @@ class StopTraining(Exception):
         self.examples = examples
 
 
-def float32_or_wider(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities are computed in at least fp32 (the reference upcasts half-precision logits)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
 class BasicTrainer:
     """The reference's trainer on one process (CPU or one CUDA device)."""
 
@@ -115,6 +131,10 @@ class BasicTrainer:
             tokenizer = load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path, cache_dir)
         self.tokenizer = tokenizer
 
+        configure_tf32(config.tf32)
+        reference_weights = None
+        if config.precompute_ref_log_probs and reference_model is not None:
+            reference_weights = state_fingerprint(reference_model)  # before it is sharded
         self.policy = self.dist.wrap_policy(policy)
         self.reference_model = self.dist.wrap_reference(reference_model) if reference_model is not None else None
 
@@ -122,6 +142,10 @@ class BasicTrainer:
             data = prepare_data(config, self.tokenizer, log=self.print, progress=self.rank == 0)
         self.data = data
         self.eval_batches = list(eval_iterator(config, data, self.tokenizer, seed))
+        self.precomputed: dict[str, torch.Tensor] | None = None
+        if reference_weights is not None:
+            self.precomputed = self.precompute_reference_logps(reference_weights)
+            self.reference_model = None  # its work is done: free its memory
         self.print(
             f"Loaded {len(data.train)} train prompts and {len(self.eval_batches)} eval batches "
             f"of size {config.eval_batch_size}"
@@ -163,13 +187,22 @@ class BasicTrainer:
     # ---------------------------------------------------------------------------------------
     # forward passes and losses
 
+    def autocast(self) -> Any:
+        """mixed_precision=bf16: forward passes in bfloat16 where it is safe (torch.autocast)."""
+        if self.config.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def concatenated_forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected through the model as one batch (one forward instead of two)."""
         cat = losses.concatenated_inputs(batch)
         # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
         # under activation checkpointing
-        out = model(cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"], use_cache=False)
-        logps = losses.batch_logps(float32_or_wider(out.logits), cat["concatenated_labels"])
+        with self.autocast():
+            out = model(
+                cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"], use_cache=False
+            )
+        logps = losses.batch_logps(out.logits, cat["concatenated_labels"])
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n], logps[n:]
 
@@ -177,10 +210,8 @@ class BasicTrainer:
         split = "train" if train else "eval"
         metrics = {}
         if self.is_preference:
-            assert self.reference_model is not None
             chosen_logps, rejected_logps = self.concatenated_forward(self.policy, batch)
-            with torch.no_grad():
-                ref_chosen, ref_rejected = self.concatenated_forward(self.reference_model, batch)
+            ref_chosen, ref_rejected = self.reference_logps(batch, split)
             loss_kwargs = {"beta": loss_config.beta, "ipo": loss_config.name == "ipo"}
             if loss_config.name == "dpo":
                 loss_kwargs.update(
@@ -195,12 +226,63 @@ class BasicTrainer:
             metrics[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
             metrics[f"logps_{split}/rejected"] = rejected_logps.detach()
         else:
-            out = self.policy(batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"], use_cache=False)
-            chosen_logps = losses.batch_logps(float32_or_wider(out.logits), batch["chosen_labels"])
+            with self.autocast():
+                out = self.policy(
+                    batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"], use_cache=False
+                )
+            chosen_logps = losses.batch_logps(out.logits, batch["chosen_labels"])
             per_example = losses.sft_loss(chosen_logps)
         metrics[f"logps_{split}/chosen"] = chosen_logps.detach()
         metrics[f"loss/{split}"] = per_example.detach()
         return per_example.mean(), {k: self.dist.gather(v).cpu().tolist() for k, v in metrics.items()}
+
+    def reference_logps(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen reference model's log-probs of chosen and rejected: looked up when they were
+        precomputed (precompute_ref_log_probs), else computed."""
+        if self.precomputed is not None:
+            table = self.precomputed[split][batch["item_index"].cpu()].to(self.device)
+            return table[:, 0], table[:, 1]
+        assert self.reference_model is not None
+        with torch.no_grad():
+            return self.concatenated_forward(self.reference_model, batch)
+
+    def precompute_reference_logps(self, reference_weights: str) -> dict[str, torch.Tensor]:
+        """The reference model's log-probs of every train and eval item, computed once (progress
+        bar) and kept on disk keyed by the tokenized data, the reference weights, its dtype, the
+        device and mixed precision; a later run with the same key reads them instead."""
+        from dpokit.data import every_item
+
+        cfg = self.config
+        splits = {"train": train_iterator(cfg, self.data, self.tokenizer, self.seed),
+                  "eval": eval_iterator(cfg, self.data, self.tokenizer, self.seed)}  # fmt: skip
+        key = hashlib.sha256(json.dumps([
+            [state_fingerprint(vars(it.tokenized)) for it in splits.values()], reference_weights,
+            cfg.model.reference_dtype, self.device.type, cfg.mixed_precision, cfg.max_length, cfg.max_prompt_length,
+        ]).encode()).hexdigest()[:24]  # fmt: skip
+        path = Path(cache_dir_for(list(cfg.local_dirs))) / "reference_logps" / f"{key}.pt"
+        if path.is_file():
+            self.print(f"reference log-probs from {path}")
+            return torch.load(path, weights_only=True)
+        tables = {}
+        assert self.reference_model is not None
+        for split, iterator in splits.items():
+            table = torch.zeros(len(iterator.tokenized.offsets), 2)
+            size = cfg.eval_batch_size
+            n_batches = -(-len(table) // size)
+            for batch in progress.bar(every_item(iterator, size), total=n_batches, desc=f"Reference log-probs ({split})",
+                                      enabled=self.rank == 0):  # fmt: skip
+                local = slice_batch(batch, self.rank, self.world_size, self.device)
+                with torch.no_grad():
+                    chosen, rejected = self.concatenated_forward(self.reference_model, local)
+                index = self.dist.gather(local["item_index"]).cpu()
+                table[index] = torch.stack([self.dist.gather(chosen), self.dist.gather(rejected)], 1).float().cpu()
+            tables[split] = table
+        if self.rank == 0:
+            from dpokit.checkpoint import atomic_write
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: torch.save(tables, f), fsync=False)
+        return tables
 
     def clip_gradient(self) -> float:
         return self.dist.clip_grad_norm(self.policy, self.config.max_grad_norm)
@@ -308,7 +390,7 @@ class BasicTrainer:
                     last_log = time.time()
                 if self.dist.any(self.stop_requested):  # every process stops after the same step
                     raise StopTraining(self.example_counter)
-        self.final_metrics = self.evaluate()
+        self.final_metrics = self.evaluate() if cfg.final_eval else {}
 
     def evaluation_due(self, resumed_at: int | None) -> bool:
         """Every eval_every examples (at 0 only with do_first_eval), but not again at the step a
@@ -346,18 +428,26 @@ class BasicTrainer:
 
     def train_step(self, batch: dict) -> dict[str, list]:
         """One optimizer step on a global batch: its gradient_accumulation_steps micro-batches,
-        each split across processes, then clipping, the step and the LR schedule."""
+        each split across processes (and, with length_groups, into groups of similar length,
+        weighted so that the loss and gradient are the micro-batch's mean), then clipping, the
+        step and the LR schedule."""
         self.policy.train()
         metrics: dict[str, list] = defaultdict(list)
         n_micro = self.config.gradient_accumulation_steps
+        tokens = torch.zeros(2, dtype=torch.long)  # real and padded tokens through the policy
         for micro in range(n_micro):
-            global_micro = slice_batch(batch, micro, n_micro, "cpu")
-            local_micro = slice_batch(global_micro, self.rank, self.world_size, self.device)
-            loss, micro_metrics = self.get_batch_metrics(local_micro, self.config.loss, train=True)
-            (loss / n_micro).backward()
-            for k, v in micro_metrics.items():
-                metrics[k].extend(v)
+            local_micro = slice_batch(slice_batch(batch, micro, n_micro, "cpu"), self.rank, self.world_size, "cpu")
+            for group, rows in length_groups(local_micro, self.config.length_groups):
+                tokens += token_counts(group)
+                group = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in group.items()}
+                loss, group_metrics = self.get_batch_metrics(group, self.config.loss, train=True)
+                (loss * rows / len(local_micro["chosen_input_ids"]) / n_micro).backward()
+                for k, v in group_metrics.items():
+                    metrics[k].extend(v)
         metrics["grad_norm"].append(self.clip_gradient())
+        real, padded = self.dist.gather(tokens.to(self.device)).view(-1, 2).sum(0).tolist()
+        metrics["tokens/real"].append(real)
+        metrics["tokens/padded"].append(padded)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()

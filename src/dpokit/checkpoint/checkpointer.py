@@ -9,12 +9,16 @@ training loop calls `save(step, metrics)` and `restore(path)` and knows nothing 
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from dpokit.checkpoint import sharded
 from dpokit.checkpoint.discovery import step_dir_name
@@ -35,8 +39,6 @@ from dpokit.distributed import tied_parameters
 from dpokit.errors import CheckpointError
 
 if TYPE_CHECKING:
-    import torch
-
     from dpokit.distributed import Distribution
 
 OPTIMIZER, SCHEDULER = CONTRACT_FILES[1], CONTRACT_FILES[2]
@@ -49,6 +51,7 @@ class CheckpointSettings:
     save_optimizer: bool = True
     on_error: str = "raise"
     format: str = "full"
+    async_save: bool = False
     retention: RetentionPolicy = RetentionPolicy()
 
     @classmethod
@@ -58,6 +61,7 @@ class CheckpointSettings:
             save_optimizer=ck.save_optimizer,
             on_error=ck.on_error,
             format=ck.format,
+            async_save=ck.async_save,
             retention=RetentionPolicy(ck.keep_last, ck.keep_best, ck.best_metric, ck.best_mode),
         )
 
@@ -84,6 +88,9 @@ class Checkpointer:
         self.record = record
         self.storage = Storage(self.run_dir, settings.fsync)
         self.failed: list[str] = []
+        self._writer: threading.Thread | None = None  # the save in flight (async_save)
+        self._outcome: dict = {}  # what the writer left: error, stats
+        self._buffers: dict[str, torch.Tensor] = {}  # reused snapshot memory
 
     @property
     def latest_dir(self) -> Path:
@@ -110,6 +117,8 @@ class Checkpointer:
         touched by a failed save.
         """
         target = Path(where) if where is not None else self.run_dir / (LATEST if final else step_dir_name(step))
+        if self.settings.async_save:
+            return self._save_async(target, step, metrics)
         self.log(f"saving checkpoint to {target}...")
         start = time.perf_counter()
         try:
@@ -130,18 +139,22 @@ class Checkpointer:
         if self.dist.is_main:
             size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
             # a synchronous save stalls training for as long as it writes
-            self.record(
-                {"checkpoint/stall_seconds": seconds, "checkpoint/write_seconds": seconds, "checkpoint/bytes": size}
-            )
+            self.record({"checkpoint/stall_seconds": seconds, "checkpoint/write_seconds": seconds,
+                         "checkpoint/bytes": size, "checkpoint/step": step})  # fmt: skip
         return target
 
-    def _save_full(self, target: Path, step: int, metrics: dict | None) -> None:
-        # Collecting is collective (FSDP gathers shards); only the main process holds and writes the result.
+    def _collect(self) -> dict[str, Any]:
+        """The state to save, one entry per file. Collecting is collective (FSDP gathers shards);
+        only the main process holds the result."""
         files = {POLICY: self.dist.full_state_dict(self.policy)}
         if self.settings.save_optimizer:
             files[OPTIMIZER] = self.dist.full_optimizer_state_dict(self.policy, self.optimizer)
             files[SCHEDULER] = self.scheduler.state_dict()
             files[TRAINER_STATE] = self.trainer_state()
+        return files
+
+    def _save_full(self, target: Path, step: int, metrics: dict | None) -> None:
+        files = self._collect()
         error = None
         if self.dist.is_main:
             error = self._publish(target, step, metrics, files)
@@ -213,6 +226,78 @@ class Checkpointer:
                 layout = {"layout": "sharded", "sharded_state": sorted(state), "tied": tied_parameters(self.policy)}
                 error = self._publish(target, step, metrics, files, records, staging, layout)
         self._raise_if(self.dist.broadcast_object(error))
+
+    # -- asynchronous saves ----------------------------------------------------------------
+
+    def _save_async(self, target: Path, step: int, metrics: dict | None) -> Path | None:
+        """The loop waits only for a copy of the state in memory (reused buffers); a background
+        thread writes it with the synchronous protocol (staging, fsync, manifest last, atomic
+        publish, retention after publish). One save in flight at most: the previous one is
+        waited for first, and its failure is reported here."""
+        self.wait()
+        start = time.perf_counter()
+        files = self._collect()  # collective: every process takes part
+        snapshot = self._snapshot(files) if self.dist.is_main else {}
+        del files
+        stall = time.perf_counter() - start
+        if self.dist.is_main:
+            self.log(f"saving checkpoint to {target} in the background...")
+            self._outcome = {}
+            self._writer = threading.Thread(
+                target=self._write, args=(target, step, metrics, snapshot, stall), name=f"dpokit-save-{step}"
+            )
+            self._writer.start()
+        return target
+
+    def _snapshot(self, state: Any, path: str = "") -> Any:
+        """A copy of every tensor of `state` in buffers kept from one save to the next (pinned on
+        CUDA, where the copy does not wait for the GPU), other values copied as they are."""
+        if isinstance(state, torch.Tensor):
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
+                pinned = state.device.type == "cuda"
+                buffer = self._buffers[path] = torch.empty(state.shape, dtype=state.dtype, pin_memory=pinned)
+            buffer.copy_(state.detach(), non_blocking=state.device.type == "cuda")
+            return buffer
+        if isinstance(state, dict):
+            return type(state)((k, self._snapshot(v, f"{path}/{k}")) for k, v in state.items())
+        if isinstance(state, (list, tuple)):
+            return type(state)(self._snapshot(v, f"{path}/{i}") for i, v in enumerate(state))
+        return copy.deepcopy(state)
+
+    def _write(self, target: Path, step: int, metrics: dict | None, files: dict, stall: float) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies into pinned buffers have landed
+        start = time.perf_counter()
+        try:
+            error = self._publish(target, step, metrics, files)
+            if error is None and target.parent == self.run_dir:
+                self._retain()
+        except BaseException as err:  # a bug: surfaced, with its traceback, at the next wait()
+            self._outcome = {"exception": err}
+            return
+        seconds = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if error is None else 0
+        self._outcome = {"error": error, "stats": {"checkpoint/stall_seconds": stall, "checkpoint/write_seconds": seconds,
+                                                   "checkpoint/bytes": size, "checkpoint/step": step}}  # fmt: skip
+
+    def wait(self) -> None:
+        """Let the save in flight finish; report its numbers and its failure (on every process:
+        raised, or with checkpoint.on_error=warn recorded and warned about)."""
+        outcome: dict = {}
+        if self._writer is not None:
+            self._writer.join()
+            self._writer, outcome = None, self._outcome
+            if "exception" in outcome:
+                raise outcome["exception"]
+            if outcome.get("error") is None:
+                self.record(outcome["stats"])
+        error = self.dist.broadcast_object(outcome.get("error")) if self.settings.async_save else None
+        if error is not None:
+            if self.settings.on_error != "warn":
+                raise CheckpointError(error)
+            self.failed.append(error)
+            self.log(f"WARNING: checkpoint not saved ({error}); training goes on (checkpoint.on_error=warn)")
 
     @staticmethod
     def _raise_if(error: str | None) -> None:

@@ -1,0 +1,174 @@
+"""Training throughput of `dpokit train` on fixed workloads, with each speed lever on and off.
+
+    .venv/bin/python benchmarks/train_throughput.py                   # the CPU workload, SFT and DPO
+    .venv/bin/python benchmarks/train_throughput.py --repeats 3 --json out.json
+
+Workloads: (a) CPU: the bundled tiny model and HH data, batch 8, max_length 256,
+max_prompt_length 128, 512 examples; (b) when CUDA is present: a GPT-2-small-shaped model (12
+layers, 768 wide) built from a config with the bundled tokenizer, batch 32, max_length 512, 2048
+examples. No evaluation and no checkpoints inside the timed part (debug=true, no first or final
+eval). Each variant runs --repeats times, alternated with the others. Printed per variant:
+median examples/s per step (first step excluded), real (non-pad) and padded tokens/s through the
+policy, the whole process's wall time, its peak RSS (and peak CUDA memory), and model FLOP
+utilisation: 6 x parameters x real tokens (+ 2 x parameters x tokens for the reference forward
+when it runs), attention excluded, against a matmul peak measured in this run on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+WORKLOADS = {
+    "cpu": {"model": "tiny", "batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_examples": 512},
+    "gpu": {
+        "model": "gpt2-small-4k",
+        "batch_size": 32,
+        "max_length": 512,
+        "max_prompt_length": 256,
+        "n_examples": 2048,
+    },
+}
+VARIANTS = {
+    "sft": {
+        "baseline": [],
+        "length_groups=4": ["length_groups=4"],
+        "sampler=length_grouped": ["sampler=length_grouped"],
+        "bf16 autocast": ["mixed_precision=bf16"],
+    },
+    "dpo": {
+        "baseline": [],
+        "length_groups=4": ["length_groups=4"],
+        "precompute reference": ["precompute_ref_log_probs=true"],
+        "precompute + length_groups=4 + length_grouped sampler": [
+            "precompute_ref_log_probs=true", "length_groups=4", "sampler=length_grouped"],
+        "bf16 autocast": ["mixed_precision=bf16"],
+    },
+}  # fmt: skip
+
+
+def model_dir(name: str, root: Path) -> str:
+    if name == "tiny":
+        return name
+    from transformers import GPT2Config
+
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=4096, n_positions=1024, bos_token_id=0,
+               eos_token_id=0).save_pretrained(out)  # fmt: skip
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(str(resources.files("dpokit") / "assets/tiny" / f)), out / f)
+    return str(out)
+
+
+def matmul_peak(device: str) -> float:
+    """FLOP/s of a large float32 matrix multiply on this device (the best of a few)."""
+    import torch
+
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = 0.0
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def run_once(args: list[str], root: Path) -> dict:
+    run_dir = root / f"run-{time.monotonic_ns()}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    # a fresh cache each time: the whole process includes tokenizing (and precomputing), as a first run does
+    cache = f"local_dirs=[{root / f'cache-{time.monotonic_ns()}'}]"
+    proc = subprocess.Popen([str(BIN / "dpokit"), "train", *args, f"local_run_dir={run_dir}", cache], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"dpokit train {' '.join(args)} failed: {proc.stderr.read().decode()[-2000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "examples_per_second" in r][1:]  # the first step warms up
+    shutil.rmtree(run_dir, ignore_errors=True)
+    step_seconds = [r["counters/examples"] / r["counters/updates"] / r["examples_per_second"] for r in steps]
+    return {
+        "examples_per_second": statistics.median(r["examples_per_second"] for r in steps),
+        "real_tokens_per_second": statistics.median(r["tokens/real"] / t for r, t in zip(steps, step_seconds, strict=True)),
+        "padded_tokens_per_second": statistics.median(
+            r["tokens/padded"] / t for r, t in zip(steps, step_seconds, strict=True)),
+        "process_seconds": wall,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+    }  # fmt: skip
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workload", choices=["cpu", "gpu", "auto"], default="auto")
+    parser.add_argument("--losses", default="sft,dpo")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    workload = args.workload if args.workload != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if workload == "gpu" else "cpu"
+    w = WORKLOADS[workload]
+    report: dict = {"workload": workload, "settings": w}
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        root = Path(tmp)
+        model = model_dir(w["model"], root)
+        from dpokit.models import load_model
+
+        n_params = sum(p.numel() for p in load_model(model).parameters())
+        peak = matmul_peak(device)
+        report.update(parameters=n_params, matmul_peak_flops=peak)
+        common = [f"model.name_or_path={model}", "model.block_name=GPT2Block", "model.reference_dtype=float32",
+                  f"batch_size={w['batch_size']}", f"max_length={w['max_length']}",
+                  f"max_prompt_length={w['max_prompt_length']}", f"n_examples={w['n_examples']}",
+                  "eval_every=100000000", "do_first_eval=false", "final_eval=false", "sample_during_eval=false",
+                  "n_eval_examples=8", "eval_batch_size=8", "minimum_log_interval_secs=0", "debug=true",
+                  f"device={device}", "exp_name=bench", "warmup_steps=10", "lr=1e-5"]  # fmt: skip
+        for loss in args.losses.split(","):
+            loss_args = ["loss=sft"] if loss == "sft" else ["loss=dpo", "loss.beta=0.1"]
+            variants = VARIANTS[loss]
+            runs: dict[str, list[dict]] = {v: [] for v in variants}
+            for _ in range(args.repeats):  # alternated, so that drift in the machine hits every variant alike
+                for name, extra in variants.items():
+                    runs[name].append(run_once([*common, *loss_args, *extra], root))
+            base = statistics.median(r["examples_per_second"] for r in runs["baseline"])
+            print(f"\n{workload} workload, {loss.upper()}: {n_params / 1e6:.1f}M parameters, batch {w['batch_size']}, "
+                  f"max_length {w['max_length']}, {w['n_examples']} examples, {args.repeats} repeats (medians); "
+                  f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+            print(f"  {'variant':56s}{'ex/s':>8s}{'x base':>8s}{'real tok/s':>12s}{'padded tok/s':>14s}"
+                  f"{'process s':>11s}{'peak RSS':>10s}{'MFU':>7s}")  # fmt: skip
+            report[loss] = {}
+            for name, rs in runs.items():
+                med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                reference_forward = loss == "dpo" and "precompute" not in name
+                flops = (6 + (2 if reference_forward else 0)) * n_params * med["real_tokens_per_second"]
+                med["mfu"] = flops / peak
+                report[loss][name] = med
+                print(f"  {name:56s}{med['examples_per_second']:8.2f}{med['examples_per_second'] / base:8.2f}"
+                      f"{med['real_tokens_per_second']:12.0f}{med['padded_tokens_per_second']:14.0f}"
+                      f"{med['process_seconds']:11.1f}{med['peak_rss_mib']:8.0f}Mi{100 * med['mfu']:6.1f}%")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

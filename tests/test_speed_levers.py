@@ -1,0 +1,95 @@
+"""The speed levers keep the reference's results where they claim to: length groups (the same
+loss and gradient, less padding), precomputed reference log-probs (the same numbers as computing
+them on the fly), a length-grouped sampler (every item once an epoch, another order), bf16
+autocast with fp32 master weights, and the final evaluation made optional."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_no_further_from_exact, bundled_pairs, metrics_log
+
+
+def policy(summary: dict) -> dict:
+    return torch.load(Path(summary["run_dir"]) / "LATEST" / "policy.pt", weights_only=True)["state"]
+
+
+def steps(summary: dict, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in metrics_log(summary["run_dir"]) if key in r}
+
+
+def test_length_groups_give_the_same_update_with_less_padding(train):
+    """Each micro-batch split into 4 groups of similar length, each group's loss weighted by its
+    share of rows: the same mean loss and gradient in real arithmetic. With SGD (linear in the
+    gradient, no clipping) the grouped weights are no further from a float64 run than the
+    one-batch float32 weights; the policy computed fewer padded tokens for the same real ones."""
+    args = ["batch_size=8", "n_examples=16", "eval_every=16", "do_first_eval=false", "optimizer=SGD", "lr=1e-2",
+            "max_grad_norm=1e9", "max_length=128", "max_prompt_length=64"]  # fmt: skip
+    one = train(*args, exp_name="one")
+    grouped = train(*args, "length_groups=4", exp_name="grouped")
+    exact = train(*args, "model.policy_dtype=float64", exp_name="exact")
+    assert_no_further_from_exact(policy(grouped), policy(one), policy(exact))
+    assert steps(grouped, "tokens/real") == steps(one, "tokens/real")
+    assert all(steps(grouped, "tokens/padded")[s] < steps(one, "tokens/padded")[s] for s in (8, 16))
+    for step, loss in steps(one, "loss/train").items():
+        assert steps(grouped, "loss/train")[step] == pytest.approx(loss, rel=1e-5)
+
+
+def test_precomputed_reference_log_probs_match_computing_them(train, tmp_path):
+    """Precomputed in batches of eval_batch_size instead of with each training batch: the same
+    model on the same tokens, padded differently, so equal up to float32 rounding of the
+    log-probs (~1e-6 relative of sums in the hundreds); losses and rewards agree to 1e-4."""
+    data = tmp_path / "pairs.jsonl"  # small: every train pair is precomputed, whatever n_examples says
+    data.write_text("".join(json.dumps(p) + "\n" for p in bundled_pairs(60)))
+    args = ["loss=dpo", "loss.beta=0.1", "batch_size=4", "n_examples=12", "eval_every=8", "lr=1e-3",
+            f"datasets=[hh:{data}]", "n_eval_examples=4", "eval_batch_size=4"]  # fmt: skip
+    live = train(*args, exp_name="live")
+    pre = train(*args, "precompute_ref_log_probs=true", exp_name="pre")
+    for key in ("loss/train", "rewards_train/margins", "loss/eval", "rewards_eval/chosen"):
+        a, b = steps(live, key), steps(pre, key)
+        assert a.keys() == b.keys() and a
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (key, step)
+    cached = list((tmp_path / "runs").glob("*/datasets/reference_logps/*.pt"))
+    assert len(cached) == 1
+    tables = torch.load(cached[0], weights_only=True)
+    assert set(tables) == {"train", "eval"} and tables["train"].shape[1] == 2 and (tables["train"] < 0).all()
+
+
+def test_length_grouped_sampler_visits_every_item_once_per_epoch_with_similar_lengths():
+    from dpokit.data import BatchIterator, Example
+    from dpokit.models import load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    examples = [Example(f"prompt {i} " + "word " * (i % 37), [" a", " b" * (i % 5 + 1)], [(0, 1)], " a",
+                        "keep_start", "x") for i in range(240)]  # fmt: skip
+    kwargs = {"batch_size": 8, "max_length": 128, "max_prompt_length": 64, "sft_mode": False, "n_epochs": 2}
+    grouped = BatchIterator(examples, tok, sampler="length_grouped", **kwargs)
+    plain = BatchIterator(examples, tok, **kwargs)
+    epochs = [b for _, b in zip(range(30), grouped._raw_batches(), strict=False)], list(grouped._raw_batches())[30:]
+    for epoch in epochs:
+        assert sorted(item for batch in epoch for _, item in batch) == list(range(240))
+    assert list(grouped._raw_batches()) == list(grouped._raw_batches())  # seeded: resume skips exactly
+    padded = lambda it: sum(b["chosen_input_ids"].numel() for b in it)  # noqa: E731
+    assert padded(grouped) < 0.8 * padded(plain)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(train):
+    summary = train("loss=dpo", "loss.beta=0.1", "batch_size=4", "n_examples=8", "eval_every=8",
+                    "mixed_precision=bf16")  # fmt: skip
+    assert all(t.dtype == torch.float32 for t in policy(summary).values())
+    assert all(math.isfinite(v) for v in steps(summary, "loss/train").values())
+    first_eval = steps(summary, "loss/eval")[0]
+    assert first_eval == pytest.approx(math.log(2), abs=1e-6)  # policy and reference computed alike
+
+
+def test_final_eval_can_be_turned_off(train):
+    summary = train("batch_size=4", "n_examples=8", "eval_every=4", "final_eval=false")
+    assert summary["final_metrics"] == {}
+    assert 8 not in steps(summary, "loss/eval")
+    assert torch.load(Path(summary["run_dir"]) / "LATEST" / "policy.pt", weights_only=True)["metrics"] == {}
