@@ -488,38 +488,25 @@ def token_counts(batch: dict) -> torch.Tensor:
     return torch.tensor([real, len(masks) * masks[0].shape[0] * max(m.shape[1] for m in masks)])
 
 
+def _iterator_settings(cfg: Any, tokenizer: Any, seed: int) -> dict:
+    return {"tokenizer": tokenizer, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "sft_mode": cfg.loss.name == "sft", "seed": seed}  # fmt: skip
+
+
 def train_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int, skip_batches: int = 0) -> BatchIterator:
     """The reference's training stream: seeded epochs, n_epochs or n_examples, global batches."""
     return BatchIterator(
-        data.train,
-        tokenizer,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length,
-        sft_mode=cfg.loss.name == "sft",
-        seed=seed,
-        n_epochs=cfg.n_epochs,
-        n_examples=cfg.n_examples,
-        skip_batches=skip_batches,
-        tokenized=data.train_tokens,
-        sampler=cfg.sampler,
-    )
+        data.train, **_iterator_settings(cfg, tokenizer, seed), batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
+        n_examples=cfg.n_examples, skip_batches=skip_batches, tokenized=data.train_tokens, sampler=cfg.sampler,
+    )  # fmt: skip
 
 
 def eval_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int) -> BatchIterator:
     """The first n_eval_examples of the test split, in the same seeded order every time."""
     return BatchIterator(
-        data.eval,
-        tokenizer,
-        batch_size=cfg.eval_batch_size,
-        max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length,
-        sft_mode=cfg.loss.name == "sft",
-        seed=seed,
-        n_examples=cfg.n_eval_examples,
-        split="test",
-        tokenized=data.eval_tokens,
-    )
+        data.eval, **_iterator_settings(cfg, tokenizer, seed), batch_size=cfg.eval_batch_size,
+        n_examples=cfg.n_eval_examples, split="test", tokenized=data.eval_tokens,
+    )  # fmt: skip
 
 
 def cache_dir_for(local_dirs: list[str]) -> str:
