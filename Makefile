@@ -7,7 +7,7 @@ DEMO_ARGS ?= n_examples=1024 eval_every=512 n_eval_examples=128 max_length=256 m
              warmup_steps=20 batch_size=8 eval_batch_size=16 n_eval_model_samples=16
 CODE := src tests benchmarks scripts
 
-.PHONY: demo test lint lock install install-dev clean
+.PHONY: demo test lint lock bench install install-dev clean
 
 install:
 	bash scripts/setup_venv.sh
@@ -30,5 +30,12 @@ lint: install-dev
 lock:
 	bash scripts/lock.sh
 
+# Benchmarks: tables on stdout, JSON in runs/bench/ (peers.py creates .venv-peers with TRL on first use).
+bench: install
+	mkdir -p runs/bench
+	$(PY) benchmarks/train_throughput.py --json runs/bench/train_throughput.json
+	$(PY) benchmarks/checkpoint_io.py --json runs/bench/checkpoint_io.json
+	$(PY) benchmarks/peers.py --json runs/bench/peers.json
+
 clean:
-	rm -rf .venv runs build src/*.egg-info
+	rm -rf .venv .venv-peers runs build src/*.egg-info
