@@ -22,22 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from train_throughput import run_once  # noqa: E402
+from train_throughput import run_once, timed_process, timed_run_args  # noqa: E402
 
 TRL_VERSION = "1.16.0"
-WORKLOAD = {"batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_pairs": 512, "lr": 1e-5,
+WORKLOAD = {"batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_examples": 512, "lr": 1e-5,
             "warmup_steps": 10, "beta": 0.1}  # fmt: skip
 
 
@@ -81,9 +79,8 @@ def prepare(root: Path, w: dict) -> tuple[Path, Path, Path]:
 
     model_dir = root / "tiny"
     load_model("tiny").save_pretrained(model_dir)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(str(resources.files("dpokit") / "assets/tiny" / f)), model_dir / f)
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = load_tokenizer("tiny")
+    tokenizer.save_pretrained(model_dir)
 
     def fitting(split: str, n: int) -> list[dict]:
         rows = []
@@ -97,7 +94,7 @@ def prepare(root: Path, w: dict) -> tuple[Path, Path, Path]:
         raise SystemExit(f"only {len(rows)} {split} pairs of the bundled data fit in max_length {w['max_length']}")
 
     paths = []
-    for split, n in (("train", w["n_pairs"]), ("test", 8)):
+    for split, n in (("train", w["n_examples"]), ("test", 8)):
         path = root / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in fitting(split, n)))
         paths.append(path)
@@ -105,12 +102,8 @@ def prepare(root: Path, w: dict) -> tuple[Path, Path, Path]:
 
 
 def run_dpokit(model_dir: Path, train: Path, test: Path, root: Path, w: dict) -> dict:
-    args = [f"model.name_or_path={model_dir}", f"datasets=[jsonl:{train}?test={test}]", "loss=dpo",
-            f"loss.beta={w['beta']}", "model.reference_dtype=float32", f"batch_size={w['batch_size']}",
-            f"max_length={w['max_length']}", f"max_prompt_length={w['max_prompt_length']}",
-            f"n_examples={w['n_pairs']}", "eval_every=100000000", "do_first_eval=false", "final_eval=false",
-            "sample_during_eval=false", "n_eval_examples=8", "eval_batch_size=8", "minimum_log_interval_secs=0",
-            "debug=true", "device=cpu", "exp_name=peers", f"warmup_steps={w['warmup_steps']}", f"lr={w['lr']}"]  # fmt: skip
+    args = [*timed_run_args(str(model_dir), w, "cpu"), f"datasets=[jsonl:{train}?test={test}]", "loss=dpo",
+            f"loss.beta={w['beta']}", f"warmup_steps={w['warmup_steps']}", f"lr={w['lr']}"]  # fmt: skip
     r = run_once(args, root)
     return {"examples_per_second": r["examples_per_second"], "interval_examples_per_second": None,
             "process_seconds": r["process_seconds"], "peak_rss_mib": r["peak_rss_mib"]}  # fmt: skip
@@ -122,22 +115,17 @@ def run_trl(python: Path, model_dir: Path, train: Path, root: Path, w: dict) -> 
            f"--batch-size={w['batch_size']}", f"--max-length={w['max_length']}", f"--lr={w['lr']}",
            f"--warmup-steps={w['warmup_steps']}", f"--beta={w['beta']}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(root / "hf-datasets")}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"TRL run failed: {proc.stderr.read().decode()[-3000:]}")  # type: ignore[union-attr]
+    wall, rss = timed_process(cmd, env)
     times = json.loads(out.read_text())
     steps = times["step_seconds"][1:]  # the first step warms up
-    expected = w["n_pairs"] // w["batch_size"]
+    expected = w["n_examples"] // w["batch_size"]
     if len(times["step_seconds"]) != expected:
         raise SystemExit(f"TRL ran {len(times['step_seconds'])} steps, expected {expected}")
     return {
         "examples_per_second": statistics.median(w["batch_size"] / s for s in steps),
         "interval_examples_per_second": statistics.median(w["batch_size"] / s for s in times["step_intervals"][1:]),
         "process_seconds": wall,
-        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "peak_rss_mib": rss,
     }
 
 
@@ -159,7 +147,7 @@ def main() -> None:
             runs["dpokit"].append(run_dpokit(model_dir, train, test, root, w))
             runs["TRL"].append(run_trl(python, model_dir, train, root, w))
     print(f"\nDPO, CPU, bundled tiny model, batch {w['batch_size']}, max_length {w['max_length']}, "
-          f"{w['n_pairs']} pairs, {args.repeats} alternated repeats (medians)")  # fmt: skip
+          f"{w['n_examples']} pairs, {args.repeats} alternated repeats (medians)")  # fmt: skip
     print(f"  dpokit: {report['dpokit_env']}\n  TRL:    {report['trl_env']}")
     print(f"  {'tool':8s}{'ex/s per step':>15s}{'ex/s step to step':>19s}{'process s':>11s}{'peak RSS':>10s}")
     med: dict[str, dict] = {}

@@ -90,18 +90,33 @@ def matmul_peak(device: str) -> float:
     return best
 
 
-def run_once(args: list[str], root: Path) -> dict:
-    run_dir = root / f"run-{time.monotonic_ns()}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def timed_process(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Run a command to its end; its wall seconds and peak RSS (MiB), or exit with its stderr."""
     t0 = time.perf_counter()
-    # a fresh cache each time: the whole process includes tokenizing (and precomputing), as a first run does
-    cache = f"local_dirs=[{root / f'cache-{time.monotonic_ns()}'}]"
-    proc = subprocess.Popen([str(BIN / "dpokit"), "train", *args, f"local_run_dir={run_dir}", cache], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
-        raise SystemExit(f"dpokit train {' '.join(args)} failed: {proc.stderr.read().decode()[-2000:]}")
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed: {proc.stderr.read().decode()[-3000:]}")  # type: ignore[union-attr]
+    return wall, usage.ru_maxrss / 1024
+
+
+def timed_run_args(model: str, w: dict, device: str) -> list[str]:
+    """`dpokit train` settings of a timed run: the workload, no evaluation, no checkpoints."""
+    return [f"model.name_or_path={model}", "model.block_name=GPT2Block", "model.reference_dtype=float32",
+            f"batch_size={w['batch_size']}", f"max_length={w['max_length']}",
+            f"max_prompt_length={w['max_prompt_length']}", f"n_examples={w['n_examples']}",
+            "eval_every=100000000", "do_first_eval=false", "final_eval=false", "sample_during_eval=false",
+            "n_eval_examples=8", "eval_batch_size=8", "minimum_log_interval_secs=0", "debug=true",
+            f"device={device}", "exp_name=bench", "warmup_steps=10", "lr=1e-5"]  # fmt: skip
+
+
+def run_once(args: list[str], root: Path) -> dict:
+    run_dir = root / f"run-{time.monotonic_ns()}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # a fresh cache each time: the whole process includes tokenizing (and precomputing), as a first run does
+    cache = f"local_dirs=[{root / f'cache-{time.monotonic_ns()}'}]"
+    wall, rss = timed_process([str(BIN / "dpokit"), "train", *args, f"local_run_dir={run_dir}", cache], env)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "examples_per_second" in r][1:]  # the first step warms up
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -112,7 +127,7 @@ def run_once(args: list[str], root: Path) -> dict:
         "padded_tokens_per_second": statistics.median(
             r["tokens/padded"] / t for r, t in zip(steps, step_seconds, strict=True)),
         "process_seconds": wall,
-        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "peak_rss_mib": rss,
     }  # fmt: skip
 
 
@@ -137,12 +152,7 @@ def main() -> None:
         n_params = sum(p.numel() for p in load_model(model).parameters())
         peak = matmul_peak(device)
         report.update(parameters=n_params, matmul_peak_flops=peak)
-        common = [f"model.name_or_path={model}", "model.block_name=GPT2Block", "model.reference_dtype=float32",
-                  f"batch_size={w['batch_size']}", f"max_length={w['max_length']}",
-                  f"max_prompt_length={w['max_prompt_length']}", f"n_examples={w['n_examples']}",
-                  "eval_every=100000000", "do_first_eval=false", "final_eval=false", "sample_during_eval=false",
-                  "n_eval_examples=8", "eval_batch_size=8", "minimum_log_interval_secs=0", "debug=true",
-                  f"device={device}", "exp_name=bench", "warmup_steps=10", "lr=1e-5"]  # fmt: skip
+        common = timed_run_args(model, w, device)
         for loss in args.losses.split(","):
             loss_args = ["loss=sft"] if loss == "sft" else ["loss=dpo", "loss.beta=0.1"]
             variants = VARIANTS[loss]
