@@ -1,6 +1,8 @@
 """What a checkpoint costs: the reference's three plain torch.save calls, dpokit's durable save
 (staging, checksums, fsync, manifest, atomic publish), how long the loop is blocked with
-checkpoint.async=true, loading it back, and the raw durable write bandwidth of the same disk
+checkpoint.async=true (save() plus the wait before the next optimizer step, with the next
+forward and backward running beside the background copy, whose slowdown is reported too),
+loading it back, and the raw durable write bandwidth of the same disk
 (the same number of bytes, plain writes + fsync), all measured in the same run.
 
     .venv/bin/python benchmarks/checkpoint_io.py                    # tiny and a 124M GPT-2 config
@@ -42,8 +44,15 @@ def build(name: str):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     tokens = torch.randint(0, 4096, (2, 64))
     model(tokens, labels=tokens).loss.backward()
-    optimizer.step()
+    optimizer.step()  # RMSprop state for every parameter
     return model, optimizer, scheduler
+
+
+def next_step(model) -> None:
+    """The forward and backward of a training step: what runs beside a background snapshot."""
+    tokens = torch.randint(0, 4096, (2, 64))
+    model(tokens, labels=tokens).loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 def checkpointer(run: Path, model, optimizer, scheduler, async_save: bool) -> Checkpointer:
@@ -79,7 +88,7 @@ def measure(name: str, root: Path, repeats: int) -> dict:
     sync_ck = checkpointer(root / "sync", model, optimizer, scheduler, async_save=False)
     async_ck = checkpointer(root / "async", model, optimizer, scheduler, async_save=True)
     times: dict[str, list[float]] = {
-        k: [] for k in ("reference", "sync", "async blocked", "async write", "load", "raw")
+        k: [] for k in ("reference", "sync", "async blocked", "async write", "step alone", "step beside", "load", "raw")
     }
     for i in range(repeats):
         out = root / f"plain-{i}"
@@ -97,10 +106,22 @@ def measure(name: str, root: Path, repeats: int) -> dict:
         times["sync"].append(time.perf_counter() - t0)
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
 
+        t0 = time.perf_counter()
+        next_step(model)
+        times["step alone"].append(time.perf_counter() - t0)
+
+        # the loop as it runs: save(), the next batch's forward and backward while parameters and
+        # optimizer state are copied in the background, then before_update() before the step
         os.sync()  # each measurement starts with no dirty pages of the one before
         t0 = time.perf_counter()
         async_ck.save(i + 1)
-        times["async blocked"].append(time.perf_counter() - t0)
+        blocked = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        next_step(model)
+        t2 = time.perf_counter()
+        async_ck.before_update()
+        times["step beside"].append(t2 - t1)
+        times["async blocked"].append(blocked + time.perf_counter() - t2)
         async_ck.wait()
         times["async write"].append(time.perf_counter() - t0)
 
@@ -138,8 +159,10 @@ def main() -> None:
         rows = [
             ("reference: 3 x torch.save (no fsync)", s["reference"], ""),
             ("dpokit save, synchronous, durable", s["sync"], f"x{s['sync'] / s['reference']:.2f} of reference"),
-            ("  loop blocked with checkpoint.async", s["async blocked"], f"{100 * s['async blocked'] / s['sync']:.0f}% of the synchronous save"),
-            ("  background write with checkpoint.async", s["async write"], ""),
+            ("  loop blocked with checkpoint.async", s["async blocked"], f"{100 * s['async blocked'] / s['sync']:.1f}% of the synchronous save"),
+            ("  background copy and write", s["async write"], ""),
+            ("  next forward+backward, alone", s["step alone"], ""),
+            ("  next forward+backward, beside the save", s["step beside"], f"+{(s['step beside'] - s['step alone']) * 1000:.0f} ms"),
             ("load (3 files, weights_only)", s["load"], ""),
             ("raw durable write of the same bytes", s["raw"], f"{mib / s['raw']:.0f} MiB/s"),
         ]  # fmt: skip

@@ -448,6 +448,7 @@ class BasicTrainer:
         real, padded = self.dist.gather(tokens.to(self.device)).view(-1, 2).sum(0).tolist()
         metrics["tokens/real"].append(real)
         metrics["tokens/padded"].append(padded)
+        self.checkpointer.before_update()  # a background save may still be copying what the step changes
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()

@@ -91,6 +91,9 @@ class Checkpointer:
         self._writer: threading.Thread | None = None  # the save in flight (async_save)
         self._outcome: dict = {}  # what the writer left: error, stats
         self._buffers: dict[str, torch.Tensor] = {}  # reused snapshot memory
+        self._copied = threading.Event()  # clear while a background save still copies state
+        self._copied.set()
+        self._fence_seconds = 0.0  # how long before_update() held the loop for the save in flight
 
     @property
     def latest_dir(self) -> Path:
@@ -230,46 +233,90 @@ class Checkpointer:
     # -- asynchronous saves ----------------------------------------------------------------
 
     def _save_async(self, target: Path, step: int, metrics: dict | None) -> Path | None:
-        """The loop waits only for a copy of the state in memory (reused buffers); a background
-        thread writes it with the synchronous protocol (staging, fsync, manifest last, atomic
-        publish, retention after publish). One save in flight at most: the previous one is
-        waited for first, and its failure is reported here."""
+        """The loop waits only for what it could change before its next optimizer step (module
+        buffers and small values, copied at once); parameters and optimizer state, which only
+        the step changes, are copied into reused buffers by a background thread while the next
+        batch's forward and backward run, and `before_update()` holds that step until the copy
+        is done. The same thread then writes with the synchronous protocol (staging, fsync,
+        manifest last, atomic publish, retention after publish). One save in flight at most:
+        the previous one is waited for first, and its failure is reported here."""
         self.wait()
         start = time.perf_counter()
         files = self._collect()  # collective: every process takes part
-        snapshot = self._snapshot(files) if self.dist.is_main else {}
-        del files
-        stall = time.perf_counter() - start
         if self.dist.is_main:
+            live = {b.data_ptr() for b in self.policy.buffers()}  # forward may change these (e.g. BatchNorm)
+            pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+            snapshot = self._snapshot(files, pending, copy_now=lambda t: t.data_ptr() in live)
+            del files
+            self._copied.clear()
+            self._outcome, self._fence_seconds = {}, 0.0
             self.log(f"saving checkpoint to {target} in the background...")
-            self._outcome = {}
             self._writer = threading.Thread(
-                target=self._write, args=(target, step, metrics, snapshot, stall), name=f"dpokit-save-{step}"
+                target=self._write,
+                args=(target, step, metrics, snapshot, pending, time.perf_counter() - start),
+                name=f"dpokit-save-{step}",
             )
             self._writer.start()
         return target
 
-    def _snapshot(self, state: Any, path: str = "") -> Any:
-        """A copy of every tensor of `state` in buffers kept from one save to the next (pinned on
-        CUDA, where the copy does not wait for the GPU), other values copied as they are."""
+    def before_update(self) -> None:
+        """Call before every optimizer step: with a save in flight, it waits until the state the
+        step would change has been copied (on CPU, usually long done by then)."""
+        if not self._copied.is_set():
+            start = time.perf_counter()
+            self._copied.wait()
+            self._fence_seconds += time.perf_counter() - start
+
+    def _snapshot(
+        self,
+        state: Any,
+        pending: list[tuple[torch.Tensor, torch.Tensor]],
+        copy_now: Callable[[torch.Tensor], bool],
+        path: str = "",
+    ) -> Any:
+        """`state` with every tensor replaced by a buffer kept from one save to the next (pinned
+        on CUDA, so the copy does not wait for the GPU) and every other value copied. Tensors for
+        which copy_now is true are copied here; the others are appended to `pending` as (buffer,
+        source) for the background thread."""
         if isinstance(state, torch.Tensor):
             buffer = self._buffers.get(path)
             if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
                 pinned = state.device.type == "cuda"
                 buffer = self._buffers[path] = torch.empty(state.shape, dtype=state.dtype, pin_memory=pinned)
-            buffer.copy_(state.detach(), non_blocking=state.device.type == "cuda")
+            if copy_now(state):
+                buffer.copy_(state.detach())
+            else:
+                pending.append((buffer, state.detach()))
             return buffer
         if isinstance(state, dict):
-            return type(state)((k, self._snapshot(v, f"{path}/{k}")) for k, v in state.items())
+            return type(state)((k, self._snapshot(v, pending, copy_now, f"{path}/{k}")) for k, v in state.items())
         if isinstance(state, (list, tuple)):
-            return type(state)(self._snapshot(v, f"{path}/{i}") for i, v in enumerate(state))
+            return type(state)(self._snapshot(v, pending, copy_now, f"{path}/{i}") for i, v in enumerate(state))
         return copy.deepcopy(state)
 
-    def _write(self, target: Path, step: int, metrics: dict | None, files: dict, stall: float) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking copies into pinned buffers have landed
+    def _write(
+        self,
+        target: Path,
+        step: int,
+        metrics: dict | None,
+        files: dict,
+        pending: list[tuple[torch.Tensor, torch.Tensor]],
+        stall: float,
+    ) -> None:
         start = time.perf_counter()
         try:
+            try:
+                for buffer, source in pending:
+                    buffer.copy_(source, non_blocking=source.device.type == "cuda")
+                copied = torch.cuda.Event() if torch.cuda.is_available() else None
+                if copied is not None:
+                    # copies from this thread are queued on the default stream like the step that
+                    # before_update() releases, so that step cannot overtake them
+                    copied.record()
+            finally:
+                self._copied.set()
+            if copied is not None:
+                copied.synchronize()  # the non-blocking copies into pinned buffers have landed
             error = self._publish(target, step, metrics, files)
             if error is None and target.parent == self.run_dir:
                 self._retain()
@@ -291,7 +338,10 @@ class Checkpointer:
             if "exception" in outcome:
                 raise outcome["exception"]
             if outcome.get("error") is None:
-                self.record(outcome["stats"])
+                stats = outcome["stats"]
+                # the loop was held twice: in save() and, if the copy was not done by then, before its next step
+                stats["checkpoint/stall_seconds"] += self._fence_seconds
+                self.record(stats)
         error = self.dist.broadcast_object(outcome.get("error")) if self.settings.async_save else None
         if error is not None:
             if self.settings.on_error != "warn":
