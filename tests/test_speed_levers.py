@@ -44,7 +44,7 @@ def test_precomputed_reference_log_probs_match_computing_them(train, tmp_path):
     """Precomputed in batches of eval_batch_size instead of with each training batch: the same
     model on the same tokens, padded differently, so equal up to float32 rounding of the
     log-probs (~1e-6 relative of sums in the hundreds); losses and rewards agree to 1e-4."""
-    data = tmp_path / "pairs.jsonl"  # small: every train pair is precomputed, whatever n_examples says
+    data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in bundled_pairs(60)))
     args = ["loss=dpo", "loss.beta=0.1", "batch_size=4", "n_examples=12", "eval_every=8", "lr=1e-3",
             f"datasets=[hh:{data}]", "n_eval_examples=4", "eval_batch_size=4"]  # fmt: skip
@@ -58,7 +58,30 @@ def test_precomputed_reference_log_probs_match_computing_them(train, tmp_path):
     cached = list((tmp_path / "runs").glob("*/datasets/reference_logps/*.pt"))
     assert len(cached) == 1
     tables = torch.load(cached[0], weights_only=True)
-    assert set(tables) == {"train", "eval"} and tables["train"].shape[1] == 2 and (tables["train"] < 0).all()
+    assert set(tables) == {"train", "eval"} and tables["train"].shape[1] == 2
+    computed = ~tables["train"].isnan().any(1)
+    assert computed.sum() == 12 and (tables["train"][computed] < 0).all()  # the 12 pairs trained on, no more
+
+
+def test_precomputed_cache_is_extended_by_a_longer_run_and_reused_as_is(train, tmp_path):
+    """A run computes the reference log-probs of the pairs it visits only; a longer run with the
+    same data and reference reads those from the cache (the same bits) and computes the rest."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in bundled_pairs(60)))
+    args = ["loss=dpo", "loss.beta=0.1", "batch_size=4", "eval_every=100", "do_first_eval=false",
+            f"datasets=[hh:{data}]", "n_eval_examples=4", "eval_batch_size=4", "precompute_ref_log_probs=true"]  # fmt: skip
+
+    def table() -> torch.Tensor:
+        (path,) = (tmp_path / "runs").glob("*/datasets/reference_logps/*.pt")
+        return torch.load(path, weights_only=True)["train"]
+
+    train(*args, "n_examples=8", exp_name="short")
+    short = table()
+    train(*args, "n_examples=16", exp_name="long")
+    long = table()
+    first, both = ~short.isnan().any(1), ~long.isnan().any(1)
+    assert first.sum() == 8 and both.sum() == 16 and both[first].all()
+    assert torch.equal(long[first], short[first])
 
 
 def test_length_grouped_sampler_visits_every_item_once_per_epoch_with_similar_lengths():

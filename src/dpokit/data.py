@@ -12,7 +12,9 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -423,6 +425,10 @@ class BatchIterator:
                 if self.n_examples is not None and seen >= self.n_examples:
                     return
 
+    def items(self) -> list[int]:
+        """The item indices the whole stream visits (skipped batches included), in its order."""
+        return [item for raw in self._raw_batches() for _, item in raw]
+
     def __iter__(self) -> Iterator[dict]:
         for raw in itertools.islice(self._raw_batches(), self.skip_batches, None):
             batch = collate([self.element(idx, item) for idx, item in raw], self.pad_token_id)
@@ -467,11 +473,16 @@ def length_groups(batch: dict, n_groups: int) -> list[tuple[dict, int]]:
     return groups
 
 
-def every_item(iterator: BatchIterator, batch_size: int) -> Iterator[dict]:
-    """Every item of a split once, in item order, as batches of batch_size (the last one filled up
-    by repeating its last item, so that it still divides among processes)."""
+def every_item(iterator: BatchIterator, batch_size: int, only: Collection[int] | None = None) -> Iterator[dict]:
+    """Every item of a split (or those in `only`) once, in item order, as batches of batch_size
+    (the last one filled up by repeating its last item, so that it still divides among processes)."""
     first = iterator.tokenized.first_item.tolist()
-    items = [(idx, item) for idx in range(len(iterator.examples)) for item in range(first[idx], first[idx + 1])]
+    items = [
+        (idx, item)
+        for idx in range(len(iterator.examples))
+        for item in range(first[idx], first[idx + 1])
+        if only is None or item in only
+    ]
     for start in range(0, len(items), batch_size):
         raw = items[start : start + batch_size]
         raw += [raw[-1]] * (batch_size - len(raw))

@@ -247,9 +247,10 @@ class BasicTrainer:
             return self.concatenated_forward(self.reference_model, batch)
 
     def precompute_reference_logps(self, reference_weights: str) -> dict[str, torch.Tensor]:
-        """The reference model's log-probs of every train and eval item, computed once (progress
-        bar) and kept on disk keyed by the tokenized data, the reference weights, its dtype, the
-        device and mixed precision; a later run with the same key reads them instead."""
+        """The reference model's log-probs of the train and eval items this run will visit,
+        computed once (progress bar) and kept on disk keyed by the tokenized data, the reference
+        weights, its dtype, the device and mixed precision. The table has a row per item (NaN:
+        not computed yet): a later run with the same key computes only the items it lacks."""
         from dpokit.data import every_item
 
         cfg = self.config
@@ -260,24 +261,30 @@ class BasicTrainer:
             cfg.model.reference_dtype, self.device.type, cfg.mixed_precision, cfg.max_length, cfg.max_prompt_length,
         ]).encode()).hexdigest()[:24]  # fmt: skip
         path = Path(cache_dir_for(list(cfg.local_dirs))) / "reference_logps" / f"{key}.pt"
-        if path.is_file():
-            self.print(f"reference log-probs from {path}")
-            return torch.load(path, weights_only=True)
-        tables = {}
-        assert self.reference_model is not None
+        tables = torch.load(path, weights_only=True) if path.is_file() else {}
+        computed = 0
         for split, iterator in splits.items():
-            table = torch.zeros(len(iterator.tokenized.offsets), 2)
+            n_items = len(iterator.tokenized.offsets)
+            table = tables.get(split)
+            if table is None or table.shape != (n_items, 2):
+                table = tables[split] = torch.full((n_items, 2), float("nan"))
+            missing = {i for i in set(iterator.items()) if bool(table[i].isnan().any())}
+            if not missing:
+                continue
+            assert self.reference_model is not None
             size = cfg.eval_batch_size
-            n_batches = -(-len(table) // size)
-            for batch in progress.bar(every_item(iterator, size), total=n_batches, desc=f"Reference log-probs ({split})",
+            batches = every_item(iterator, size, only=missing)
+            for batch in progress.bar(batches, total=-(-len(missing) // size), desc=f"Reference log-probs ({split})",
                                       enabled=self.rank == 0):  # fmt: skip
                 local = slice_batch(batch, self.rank, self.world_size, self.device)
                 with torch.no_grad():
                     chosen, rejected = self.concatenated_forward(self.reference_model, local)
                 index = self.dist.gather(local["item_index"]).cpu()
                 table[index] = torch.stack([self.dist.gather(chosen), self.dist.gather(rejected)], 1).float().cpu()
-            tables[split] = table
-        if self.rank == 0:
+            computed += len(missing)
+        if computed == 0:
+            self.print(f"reference log-probs from {path}")
+        elif self.rank == 0:
             from dpokit.checkpoint import atomic_write
 
             path.parent.mkdir(parents=True, exist_ok=True)
