@@ -43,12 +43,14 @@ WORKLOADS = {
 VARIANTS = {
     "sft": {
         "baseline": [],
+        "model.fused_gelu=false": ["model.fused_gelu=false"],
         "length_groups=4": ["length_groups=4"],
         "sampler=length_grouped": ["sampler=length_grouped"],
         "bf16 autocast": ["mixed_precision=bf16"],
     },
     "dpo": {
         "baseline": [],
+        "model.fused_gelu=false": ["model.fused_gelu=false"],
         "length_groups=4": ["length_groups=4"],
         "precompute reference": ["precompute_ref_log_probs=true"],
         "precompute + length_groups=4 + length_grouped sampler": [
@@ -90,12 +92,18 @@ def matmul_peak(device: str) -> float:
     return best
 
 
-def timed_process(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Run a command to its end; its wall seconds and peak RSS (MiB), or exit with its stderr."""
+def timed_process(
+    cmd: list[str], env: dict, stdout: Path | None = None, cwd: Path | None = None
+) -> tuple[float, float]:
+    """Run a command to its end; its wall seconds and peak RSS (MiB), or exit with its stderr.
+    Its standard output goes to `stdout` if given."""
+    out = open(stdout, "wb") if stdout is not None else subprocess.DEVNULL  # noqa: SIM115
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.PIPE, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
+    if stdout is not None:
+        out.close()  # type: ignore[union-attr]
     if status != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed: {proc.stderr.read().decode()[-3000:]}")  # type: ignore[union-attr]
     return wall, usage.ru_maxrss / 1024

@@ -116,3 +116,43 @@ def test_final_eval_can_be_turned_off(train):
     assert summary["final_metrics"] == {}
     assert 8 not in steps(summary, "loss/eval")
     assert torch.load(Path(summary["run_dir"]) / "LATEST" / "policy.pt", weights_only=True)["metrics"] == {}
+
+
+def test_fused_gelu_is_the_same_function_and_leaves_the_config(tmp_path):
+    """GELUTanh in place of gelu_new: the same tanh approximation, rounded differently, so the
+    fused model's logits are no further from a float64 run than the unfused float32 logits are."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from dpokit.models import fuse_gelu, load_model, load_tokenizer
+
+    plain, fused, exact = load_model("tiny"), load_model("tiny"), load_model("tiny", dtype="float64")
+    n_layers = plain.config.n_layer
+    assert fuse_gelu(fused) == n_layers and not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, GELUTanh) for m in fused.modules()) == n_layers
+    tokens = torch.tensor([load_tokenizer("tiny")(bundled_pairs(1)[0]["chosen"])["input_ids"][:64]])
+    with torch.no_grad():
+        logits = {
+            name: {"logits": m(tokens).logits[0]} for name, m in (("plain", plain), ("fused", fused), ("exact", exact))
+        }
+    assert_no_further_from_exact(logits["fused"], logits["plain"], logits["exact"])
+    fused.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu_new"
+
+
+def test_fused_gelu_can_be_turned_off(train, monkeypatch):
+    from transformers.activations import NewGELUActivation
+
+    from dpokit.trainers import BasicTrainer
+
+    unfused: list[int] = []  # NewGELUActivation modules in the policy that trains
+    original = BasicTrainer.train
+
+    def counting(self):
+        unfused.append(sum(isinstance(m, NewGELUActivation) for m in self.policy.modules()))
+        return original(self)
+
+    monkeypatch.setattr(BasicTrainer, "train", counting)
+    args = ["n_examples=8", "batch_size=4", "do_first_eval=false", "final_eval=false"]
+    train(*args, "model.fused_gelu=false", exp_name="off")
+    train(*args, exp_name="on")
+    assert unfused[0] > 0 and unfused[1] == 0

@@ -61,6 +61,11 @@ class ModelConfig:
         None,
     )
     reference_dtype: str = _doc("torch dtype of the frozen reference model", "float16")
+    fused_gelu: bool = _doc(
+        "run gelu_new (GPT-2, GPT-J, GPT-Neo) as PyTorch's fused tanh GELU: the same function, equal up to "
+        "float rounding, faster; false: the model's own elementwise implementation",
+        True,
+    )
 
 
 @dataclass

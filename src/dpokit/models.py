@@ -99,6 +99,23 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def fuse_gelu(model: torch.nn.Module) -> int:
+    """Replace transformers' NewGELUActivation (`gelu_new`: GPT-2, GPT-J, GPT-Neo; seven
+    elementwise kernels forward, more backward) with its GELUTanh, the same tanh approximation in
+    PyTorch's one fused kernel: equal up to float rounding, about 15% of a DPO step on the CPU
+    workload. The model's config is not changed (an export still says gelu_new). Returns how
+    many activations were replaced."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                replaced += 1
+    return replaced
+
+
 def copy_as_reference(policy: torch.nn.Module, dtype: str) -> torch.nn.Module:
     reference = copy.deepcopy(policy).to(getattr(torch, dtype))
     reference.requires_grad_(False)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, world_size: int, say) -> Any:
     """Models, trainer, training, the final save; the run's status kept in run.json."""
     from dpokit.data import cache_dir_for, prepare_data
-    from dpokit.models import copy_as_reference, load_archive, load_model, load_tokenizer
+    from dpokit.models import copy_as_reference, fuse_gelu, load_archive, load_model, load_tokenizer
     from dpokit.trainers import TRAINERS, StopTraining
 
     run_dir = Path(cfg.local_run_dir)
@@ -82,6 +82,8 @@ def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, wor
     try:
         say("building policy", flush=True)
         policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, cache_dir, seed=cfg.seed)
+        if cfg.model.fused_gelu:
+            fuse_gelu(policy)  # the reference, a copy of the policy, gets them too
         reference = None
         if cfg.loss.name in PREFERENCE_LOSSES:
             say("building reference model", flush=True)
