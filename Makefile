@@ -30,12 +30,15 @@ lint: install-dev
 lock:
 	bash scripts/lock.sh
 
-# Benchmarks: tables on stdout, JSON in runs/bench/ (peers.py creates .venv-peers with TRL on first use).
+# Benchmarks: tables on stdout, JSON in runs/bench/ (peers.py creates .venv-peers with TRL on first use;
+# reference.py, run when DPO_REFERENCE_DIR names a checkout of the reference, creates .venv-reference).
 bench: install
 	mkdir -p runs/bench
 	$(PY) benchmarks/train_throughput.py --json runs/bench/train_throughput.json
 	$(PY) benchmarks/checkpoint_io.py --json runs/bench/checkpoint_io.json
 	$(PY) benchmarks/peers.py --json runs/bench/peers.json
+	@if [ -n "$$DPO_REFERENCE_DIR" ]; then $(PY) benchmarks/reference.py --json runs/bench/reference.json; \
+	else echo "benchmarks/reference.py skipped: set DPO_REFERENCE_DIR to a checkout of the DPO reference repository"; fi
 
 clean:
-	rm -rf .venv .venv-peers runs build src/*.egg-info
+	rm -rf .venv .venv-peers .venv-reference runs build src/*.egg-info

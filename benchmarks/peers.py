@@ -14,7 +14,9 @@ TRL runs in its own virtualenv (.venv-peers: torch pinned as for dpokit, TRL pin
 package that both use at the version of constraints.txt). Printed per tool: median examples/s
 per optimizer step (first step excluded; from the fetched batch to the optimizer step), the same
 over step-to-step intervals (TRL only: it includes fetching the batch), the whole process's wall
-time (start-up, data preparation, training, exit) and its peak RSS; then dpokit / TRL.
+time (start-up, data preparation, training, exit) and its peak RSS; then dpokit / TRL, for dpokit's
+defaults and for dpokit with its opt-in levers (precomputed reference log-probs, length groups,
+the length-grouped sampler).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ sys.path.insert(0, str(HERE))
 from train_throughput import run_once, timed_process, timed_run_args  # noqa: E402
 
 TRL_VERSION = "1.16.0"
+LEVERS = "dpokit+levers"  # dpokit with its opt-in speed levers
+LEVER_ARGS = ["precompute_ref_log_probs=true", "length_groups=4", "sampler=length_grouped"]
 WORKLOAD = {"batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_examples": 512, "lr": 1e-5,
             "warmup_steps": 10, "beta": 0.1}  # fmt: skip
 
@@ -101,9 +105,9 @@ def prepare(root: Path, w: dict) -> tuple[Path, Path, Path]:
     return model_dir, paths[0], paths[1]
 
 
-def run_dpokit(model_dir: Path, train: Path, test: Path, root: Path, w: dict) -> dict:
+def run_dpokit(model_dir: Path, train: Path, test: Path, root: Path, w: dict, extra: list[str]) -> dict:
     args = [*timed_run_args(str(model_dir), w, "cpu"), f"datasets=[jsonl:{train}?test={test}]", "loss=dpo",
-            f"loss.beta={w['beta']}", f"warmup_steps={w['warmup_steps']}", f"lr={w['lr']}"]  # fmt: skip
+            f"loss.beta={w['beta']}", f"warmup_steps={w['warmup_steps']}", f"lr={w['lr']}", *extra]  # fmt: skip
     r = run_once(args, root)
     return {"examples_per_second": r["examples_per_second"], "interval_examples_per_second": None,
             "process_seconds": r["process_seconds"], "peak_rss_mib": r["peak_rss_mib"]}  # fmt: skip
@@ -139,28 +143,31 @@ def main() -> None:
     python = peer_python(Path(args.venv))
     report: dict = {"workload": w, "dpokit_env": versions(sys.executable, ["dpokit", "torch", "transformers"]),
                     "trl_env": versions(python, ["trl", "torch", "transformers", "accelerate", "datasets"])}  # fmt: skip
-    runs: dict[str, list[dict]] = {"dpokit": [], "TRL": []}
+    runs: dict[str, list[dict]] = {"dpokit": [], LEVERS: [], "TRL": []}
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         root = Path(tmp)
         model_dir, train, test = prepare(root, w)
         for _ in range(args.repeats):  # alternated: drift in the machine hits both alike
-            runs["dpokit"].append(run_dpokit(model_dir, train, test, root, w))
+            runs["dpokit"].append(run_dpokit(model_dir, train, test, root, w, []))
+            runs[LEVERS].append(run_dpokit(model_dir, train, test, root, w, LEVER_ARGS))
             runs["TRL"].append(run_trl(python, model_dir, train, root, w))
     print(f"\nDPO, CPU, bundled tiny model, batch {w['batch_size']}, max_length {w['max_length']}, "
           f"{w['n_examples']} pairs, {args.repeats} alternated repeats (medians)")  # fmt: skip
     print(f"  dpokit: {report['dpokit_env']}\n  TRL:    {report['trl_env']}")
-    print(f"  {'tool':8s}{'ex/s per step':>15s}{'ex/s step to step':>19s}{'process s':>11s}{'peak RSS':>10s}")
+    print(f"  {'tool':14s}{'ex/s per step':>15s}{'ex/s step to step':>19s}{'process s':>11s}{'peak RSS':>10s}")
     med: dict[str, dict] = {}
     for tool, rs in runs.items():
         med[tool] = {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None for k in rs[0]}
         m = med[tool]
         interval = f"{m['interval_examples_per_second']:19.2f}" if m["interval_examples_per_second"] else f"{'-':>19s}"
-        print(f"  {tool:8s}{m['examples_per_second']:15.2f}{interval}{m['process_seconds']:11.1f}"
+        print(f"  {tool:14s}{m['examples_per_second']:15.2f}{interval}{m['process_seconds']:11.1f}"
               f"{m['peak_rss_mib']:8.0f}Mi")  # fmt: skip
-    ratio_step = med["dpokit"]["examples_per_second"] / med["TRL"]["examples_per_second"]
-    ratio_wall = med["TRL"]["process_seconds"] / med["dpokit"]["process_seconds"]
-    print(f"  dpokit / TRL: {ratio_step:.2f}x examples/s per step, {ratio_wall:.2f}x faster whole process")
-    report.update(runs=runs, medians=med, step_ratio=ratio_step, process_speedup=ratio_wall)
+    for tool in ("dpokit", LEVERS):
+        ratio_step = med[tool]["examples_per_second"] / med["TRL"]["examples_per_second"]
+        ratio_wall = med["TRL"]["process_seconds"] / med[tool]["process_seconds"]
+        med[tool].update(step_ratio_to_trl=ratio_step, process_speedup_over_trl=ratio_wall)
+        print(f"  {tool} / TRL: {ratio_step:.2f}x examples/s per step, {ratio_wall:.2f}x faster whole process")
+    report.update(runs=runs, medians=med)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
