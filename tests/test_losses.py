@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 
-from dpokit.losses import batch_logps, concatenated_inputs, preference_loss, sft_loss
+from dpokit.losses import (
+    batch_logps,
+    concatenated_inputs,
+    logits_where_predicted,
+    predicting_positions,
+    preference_loss,
+    sft_loss,
+)
 
 # Two examples. policy/ref log-probabilities of the chosen (w) and rejected (l) responses.
 PI_W = [-1.0, -4.0]
@@ -259,3 +267,54 @@ def test_batch_logps_equals_log_softmax_in_float64_with_its_gradient(dtype):
     (exact * weights.double()).sum().backward()
     torch.testing.assert_close(logits.grad.double(), exact_in.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                atol=1e-2 if dtype == torch.bfloat16 else 1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_logps_of_predicting_positions_only_equal_the_full_form(dtype):
+    """Logits of just the positions that predict a label, row-major, give the same sums as the
+    (batch, seq, vocab) form: the same per-position values summed in the same order."""
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 9, 50) * 3).to(dtype)
+    labels = torch.randint(0, 50, (6, 9))
+    labels[:, :3] = -100
+    labels[2, 5:] = -100
+    where = predicting_positions(labels)
+    assert where.sum() == (labels[:, 1:] != -100).sum() and not where[:, -1].any()
+    full, picked = logits.clone().requires_grad_(), logits[where].clone().requires_grad_()
+    a, b = batch_logps(full, labels), batch_logps(picked, labels)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    (a.sum() + b.sum()).backward()
+    torch.testing.assert_close(picked.grad, full.grad[where])
+    assert not full.grad[~where].any()  # nothing flows to positions that predict nothing
+    with pytest.raises(ValueError, match="one row per labelled position"):
+        batch_logps(picked[1:], labels)
+
+
+def test_model_logits_only_where_predicted_give_the_same_log_probs_and_gradients():
+    """The output layer applied to the predicting positions only: (n, vocab) logits, and log-probs
+    and parameter gradients no further from a float64 run than the full-logits float32 ones."""
+    from conftest import assert_no_further_from_exact
+    from dpokit.models import load_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 4000, (4, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :12] = -100  # the prompt
+
+    def run(model, lean: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with logits_where_predicted(model, labels) if lean else contextlib.nullcontext():
+            logits = model(ids, attention_mask=mask, use_cache=False).logits
+        assert logits.dim() == (2 if lean else 3)
+        logps = batch_logps(logits, labels)
+        logps.sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if name.endswith("mlp.c_fc.weight")}
+        return {"logps": logps.detach(), **grads}
+
+    model = load_model("tiny")
+    lean, full = run(model, True), run(model, False)
+    exact = run(load_model("tiny", dtype="float64"), False)
+    assert_no_further_from_exact(lean, full, exact)
+    assert model.lm_head._forward_pre_hooks == {}  # the hook is gone after the forward

@@ -6,6 +6,9 @@ pi the policy, ref the frozen reference model.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -49,41 +52,83 @@ def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
 
 
 LOGSUMEXP_ROWS = 4  # sequences per chunk when half-precision logits are reduced in fp32
+LOGSUMEXP_POSITIONS = 1024  # positions per chunk, the same for logits of labelled positions only
 
 
 def _logsumexp_fp32(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1)
 
 
+def _logsumexp_wide(logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """logsumexp over the vocabulary in float32 or wider; half-precision logits are reduced a
+    chunk of `rows` at a time (recomputed in backward), so no full fp32 copy of them exists."""
+    if logits.dtype == torch.promote_types(logits.dtype, torch.float32):
+        return torch.logsumexp(logits, dim=-1)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return torch.cat([
+            torch.utils.checkpoint.checkpoint(_logsumexp_fp32, chunk, use_reentrant=False)
+            for chunk in logits.split(rows)
+        ])  # fmt: skip
+    return torch.cat([_logsumexp_fp32(chunk) for chunk in logits.split(rows)])
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool: the positions whose logits predict a label (position t predicts t+1)."""
+    return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+
+
+@contextlib.contextmanager
+def logits_where_predicted(model: torch.nn.Module, labels: torch.Tensor) -> Iterator[None]:
+    """Inside, the model's output layer sees only the hidden states of the positions that predict
+    a label, so its logits are (n, vocab) for those n positions instead of (batch, seq, vocab).
+    The prompt and the padding, most of a DPO batch, never go through the vocabulary projection:
+    the same numbers per position, less compute and memory (most for large vocabularies). A
+    model whose output layer gets other shapes is left alone (batch_logps takes either form)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        yield
+        return
+    where = predicting_positions(labels)
+
+    def select(_module: torch.nn.Module, args: tuple) -> tuple | None:
+        hidden = args[0]
+        if hidden.dim() == 3 and hidden.shape[:2] == where.shape:
+            return (hidden[where.to(hidden.device)], *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def batch_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Sum (or mean) of log p(label) over the labelled positions of each sequence, in float32
     (or wider).
 
-    logits: (batch, seq, vocab); labels: (batch, seq) with -100 where nothing is predicted
-    (prompt and padding). Position t's logits predict token t+1, hence the shift.
+    labels: (batch, seq) with -100 where nothing is predicted (prompt and padding); position t's
+    logits predict token t+1, hence the shift. logits: (batch, seq, vocab), or (n, vocab) for
+    just the n predicting positions in row-major order (`logits_where_predicted`).
     log p(y) = logit[y] - logsumexp(logits): no (batch, seq, vocab) log-softmax is kept for
-    backward, and half-precision logits are reduced in fp32 a few sequences at a time
-    (recomputed in backward), so no full fp32 copy of them exists either. The numbers are
-    those of log_softmax in fp32, up to rounding.
+    backward. The numbers are those of log_softmax in fp32, up to rounding.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
-    labels = labels[:, 1:]
-    logits = logits[:, :-1, :]
-    mask = labels != -100
-    index = labels.masked_fill(~mask, 0).unsqueeze(2)  # any valid index; masked out below
+    mask = labels[:, 1:] != -100
     wide = torch.promote_types(logits.dtype, torch.float32)
-    picked = torch.gather(logits, dim=2, index=index).squeeze(2).to(wide)
-    if logits.dtype == wide:
-        lse = torch.logsumexp(logits, dim=-1)
-    elif torch.is_grad_enabled() and logits.requires_grad:
-        lse = torch.cat([
-            torch.utils.checkpoint.checkpoint(_logsumexp_fp32, chunk, use_reentrant=False)
-            for chunk in logits.split(LOGSUMEXP_ROWS)
-        ])  # fmt: skip
+    if logits.dim() == 2:
+        if logits.shape[0] != int(mask.sum()):
+            raise ValueError(f"logits {tuple(logits.shape)} are not one row per labelled position of {int(mask.sum())}")
+        picked = torch.gather(logits, 1, labels[:, 1:][mask].unsqueeze(1)).squeeze(1).to(wide)
+        per_token = picked - _logsumexp_wide(logits, LOGSUMEXP_POSITIONS)
+        total = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token).sum(-1)
     else:
-        lse = torch.cat([_logsumexp_fp32(chunk) for chunk in logits.split(LOGSUMEXP_ROWS)])
-    total = ((picked - lse) * mask).sum(-1)
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+        logits = logits[:, :-1, :]
+        index = labels[:, 1:].masked_fill(~mask, 0).unsqueeze(2)  # any valid index; masked out below
+        picked = torch.gather(logits, dim=2, index=index).squeeze(2).to(wide)
+        total = ((picked - _logsumexp_wide(logits, LOGSUMEXP_ROWS)) * mask).sum(-1)
     return total / mask.sum(-1) if average else total
 
 

@@ -197,13 +197,14 @@ class BasicTrainer:
     def concatenated_forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected through the model as one batch (one forward instead of two)."""
         cat = losses.concatenated_inputs(batch)
+        labels = cat["concatenated_labels"]
         # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
         # under activation checkpointing
-        with self.autocast():
+        with self.autocast(), losses.logits_where_predicted(model, labels):
             out = model(
                 cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"], use_cache=False
             )
-        logps = losses.batch_logps(out.logits, cat["concatenated_labels"])
+        logps = losses.batch_logps(out.logits, labels)
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n], logps[n:]
 
@@ -227,7 +228,7 @@ class BasicTrainer:
             metrics[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
             metrics[f"logps_{split}/rejected"] = rejected_logps.detach()
         else:
-            with self.autocast():
+            with self.autocast(), losses.logits_where_predicted(self.policy, batch["chosen_labels"]):
                 out = self.policy(
                     batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"], use_cache=False
                 )
