@@ -4,16 +4,14 @@ error messages for bad data, and the batch iterator's order, limits and resume."
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import math
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from dpokit.data import BatchIterator, Example, collate, load_examples, prefetched, tokenize_element
+from dpokit.data import BatchIterator, Example, collate, load_examples, tokenize_element
 from dpokit.errors import DataError
 from dpokit.models import load_tokenizer
 from dpokit.sources import extract_anthropic_prompt, get_dataset
@@ -462,38 +460,3 @@ def test_too_few_examples_raises(tok):
 def test_needs_a_limit(tok):
     with pytest.raises(ValueError):
         make(tok, synthetic(4), batch_size=2)
-
-
-def test_prefetched_batches_are_the_same_batches_in_the_same_order():
-    batches = [{"ids": torch.tensor([i, i + 1]), "prompt": [f"p{i}"]} for i in range(7)]
-    got = list(prefetched(iter(batches), depth=2))
-    assert len(got) == 7
-    assert all(
-        torch.equal(a["ids"], b["ids"]) and a["prompt"] == b["prompt"] for a, b in zip(got, batches, strict=True)
-    )
-
-
-def test_prefetch_raises_the_error_of_its_source_in_the_loop():
-    def source():
-        yield {"ids": torch.zeros(1)}
-        raise DataError("line 3 of data.jsonl: no 'prompt'")
-
-    it = prefetched(source())
-    next(it)
-    with pytest.raises(DataError, match="line 3 of data.jsonl"):
-        next(it)
-
-
-def test_a_loop_that_stops_early_stops_the_prefetch_thread():
-    produced = []
-
-    def endless():
-        for i in itertools.count():
-            produced.append(i)
-            yield {"ids": torch.tensor([i])}
-
-    it = prefetched(endless(), depth=2)
-    assert int(next(it)["ids"]) == 0
-    it.close()  # what a `for` loop left by an exception does; returns once the thread has ended
-    assert not any(t.name == "dpokit-prefetch" and t.is_alive() for t in threading.enumerate())
-    assert len(produced) <= 5  # one taken, two queued, one waiting to be queued, one being made

@@ -491,47 +491,6 @@ def every_item(iterator: BatchIterator, batch_size: int, only: Collection[int] |
         yield batch
 
 
-def prefetched(batches: Iterable[dict], depth: int = 2, pin: bool = False) -> Iterator[dict]:
-    """`batches`, collated by a background thread up to `depth` batches ahead of the loop, so the
-    loop does not wait for collation; with `pin`, in pinned memory (CUDA), so that copies to the
-    GPU need not wait either. An error in the thread is raised here, with its own type."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def offer(item: Any) -> bool:
-        """Queue the item unless the loop has stopped taking them."""
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                if pin:
-                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                if not offer(batch):
-                    return
-            offer(done)
-        except BaseException as err:  # handed to the loop, which raises it
-            offer(err)
-
-    thread = threading.Thread(target=produce, name="dpokit-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()  # the loop stopped early (an error, Ctrl-C): the thread ends at its next batch
-        thread.join()
-
-
 def token_counts(batch: dict) -> torch.Tensor:
     """(real, padded) tokens a batch puts through the policy: chosen and rejected are padded to
     one length and run together (SFT: chosen only)."""

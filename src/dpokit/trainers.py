@@ -35,7 +35,6 @@ from dpokit.data import (
     cache_dir_for,
     eval_iterator,
     length_groups,
-    prefetched,
     prepare_data,
     token_counts,
     train_iterator,
@@ -376,8 +375,7 @@ class BasicTrainer:
         resumed_at = self.example_counter if self.resumed_rng is not None else None
         last_log: float | None = None
         with self.stop_on_signals(), bar:
-            # collated ahead by a thread (pinned on CUDA), so the loop does not wait for its data
-            for batch in prefetched(batches, pin=self.device.type == "cuda"):
+            for batch in batches:
                 if self.evaluation_due(resumed_at):
                     metrics = self.evaluate()
                     if self.example_counter > 0 and not cfg.debug:  # the reference saves nothing in debug mode
@@ -449,8 +447,7 @@ class BasicTrainer:
             local_micro = slice_batch(slice_batch(batch, micro, n_micro, "cpu"), self.rank, self.world_size, "cpu")
             for group, rows in length_groups(local_micro, self.config.length_groups):
                 tokens += token_counts(group)
-                group = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                         for k, v in group.items()}  # fmt: skip
+                group = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in group.items()}
                 loss, group_metrics = self.get_batch_metrics(group, self.config.loss, train=True)
                 (loss * rows / len(local_micro["chosen_input_ids"]) / n_micro).backward()
                 for k, v in group_metrics.items():
