@@ -12,9 +12,7 @@ import hashlib
 import itertools
 import json
 import os
-import queue
-import threading
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
