@@ -146,8 +146,8 @@ def exit_worker(status: int) -> None:
     by now (checkpoints published and fsynced, logs closed, the process group destroyed together);
     what remains is destroying torch's C++ objects, and a gloo/c10d thread found still joinable
     there aborts the process (`terminate called without an active exception`, SIGABRT), turning a
-    finished job into a failed one for the launcher: seen in about 1 of 10 two-process runs on a
-    loaded 2-core machine."""
+    finished job into a failed one for the launcher: seen in about 1 of 10 two-process runs
+    beside a busy loop on a 2-core machine, and once in a full test run without one."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
