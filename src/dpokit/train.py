@@ -143,11 +143,18 @@ def run_summary(run_dir: Path, final_metrics: dict, failed_saves: list[str], say
 
 def exit_worker(status: int) -> None:
     """End a torchrun worker without the interpreter's teardown. Everything the job owes is done
-    by now (checkpoints published and fsynced, logs closed, the process group destroyed together);
-    what remains is destroying torch's C++ objects, and a gloo/c10d thread found still joinable
-    there aborts the process (`terminate called without an active exception`, SIGABRT), turning a
-    finished job into a failed one for the launcher: seen in about 1 of 10 two-process runs
-    beside a busy loop on a 2-core machine, and once in a full test run without one."""
+    by now (checkpoints published and fsynced, logs closed, the process group left together).
+
+    Why: destroy_process_group does not free gloo's process group after an FSDP2 run (DTensor's
+    sharding-propagation cache keeps a DeviceMesh, which keeps the group), so its worker threads
+    outlive main. One of them can still be releasing the last barrier's work, whose tensors were
+    made in Python: dropping them needs the GIL, and a thread that asks for the GIL while the
+    interpreter finalizes is ended by pthread_exit, which unwinds through a noexcept destructor:
+    `terminate called without an active exception`, SIGABRT, and a finished job fails for the
+    launcher. Seen in about 1 of 10 two-process runs beside a busy loop on 2 cores, and in full
+    test runs without one; the stack (core dump: ProcessGroupGloo::runLoop, ~AsyncBarrierWork,
+    decref_pyobject, take_gil, PyThread_exit_thread) is the one torch's own unmerged fix
+    (an atexit destroy_process_group) describes. Skipping finalization avoids the race."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
