@@ -12,6 +12,7 @@ from dpokit.losses import (
     batch_logps,
     concatenated_inputs,
     logits_where_predicted,
+    predicted_indices,
     predicting_positions,
     preference_loss,
     sft_loss,
@@ -305,10 +306,13 @@ def test_model_logits_only_where_predicted_give_the_same_log_probs_and_gradients
 
     def run(model, lean: bool) -> dict[str, torch.Tensor]:
         model.zero_grad()
-        with logits_where_predicted(model, labels) if lean else contextlib.nullcontext():
+        with logits_where_predicted(model, labels) if lean else contextlib.nullcontext() as positions:
             logits = model(ids, attention_mask=mask, use_cache=False).logits
         assert logits.dim() == (2 if lean else 3)
-        logps = batch_logps(logits, labels)
+        logps = batch_logps(logits, labels, positions=positions)
+        if lean:  # the positions it yields are those batch_logps finds itself
+            assert torch.equal(positions, predicted_indices(labels))
+            assert torch.equal(batch_logps(logits.detach(), labels), logps.detach())
         logps.sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if name.endswith("mlp.c_fc.weight")}
         return {"logps": logps.detach(), **grads}

@@ -77,51 +77,70 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
 
 
+def predicted_indices(labels: torch.Tensor) -> torch.Tensor:
+    """The predicting positions as indices into the flattened (batch * seq) positions, row-major.
+    Their count depends on the data, so on CUDA this waits for the device once (nonzero)."""
+    return predicting_positions(labels).flatten().nonzero().squeeze(1)
+
+
 @contextlib.contextmanager
-def logits_where_predicted(model: torch.nn.Module, labels: torch.Tensor) -> Iterator[None]:
+def logits_where_predicted(model: torch.nn.Module, labels: torch.Tensor) -> Iterator[torch.Tensor | None]:
     """Inside, the model's output layer sees only the hidden states of the positions that predict
     a label, so its logits are (n, vocab) for those n positions instead of (batch, seq, vocab).
     The prompt and the padding, most of a DPO batch, never go through the vocabulary projection:
-    the same numbers per position, less compute and memory (most for large vocabularies). A
-    model whose output layer gets other shapes is left alone (batch_logps takes either form)."""
+    the same numbers per position, less compute and memory (most for large vocabularies). Yields
+    the positions (`predicted_indices`) for batch_logps, so that the selection costs one device
+    wait per forward, not one per use; None for a model without an output layer to hook. A model
+    whose output layer gets other shapes is left alone (batch_logps takes either form)."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
-        yield
+        yield None
         return
-    where = predicting_positions(labels)
+    positions = predicted_indices(labels)
 
     def select(_module: torch.nn.Module, args: tuple) -> tuple | None:
         hidden = args[0]
-        if hidden.dim() == 3 and hidden.shape[:2] == where.shape:
-            return (hidden[where.to(hidden.device)], *args[1:])
+        if hidden.dim() == 3 and hidden.shape[:2] == labels.shape:
+            return (hidden.flatten(0, 1).index_select(0, positions.to(hidden.device)), *args[1:])
         return None
 
     handle = head.register_forward_pre_hook(select)
     try:
-        yield
+        yield positions
     finally:
         handle.remove()
 
 
-def batch_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+def batch_logps(
+    logits: torch.Tensor, labels: torch.Tensor, average: bool = False, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum (or mean) of log p(label) over the labelled positions of each sequence, in float32
     (or wider).
 
     labels: (batch, seq) with -100 where nothing is predicted (prompt and padding); position t's
     logits predict token t+1, hence the shift. logits: (batch, seq, vocab), or (n, vocab) for
-    just the n predicting positions in row-major order (`logits_where_predicted`).
+    just the n predicting positions in row-major order (`logits_where_predicted`, whose
+    `positions` can be passed to spare computing them again).
     log p(y) = logit[y] - logsumexp(logits): no (batch, seq, vocab) log-softmax is kept for
     backward. The numbers are those of log_softmax in fp32, up to rounding.
     """
     mask = labels[:, 1:] != -100
     wide = torch.promote_types(logits.dtype, torch.float32)
     if logits.dim() == 2:
-        if logits.shape[0] != int(mask.sum()):
-            raise ValueError(f"logits {tuple(logits.shape)} are not one row per labelled position of {int(mask.sum())}")
-        picked = torch.gather(logits, 1, labels[:, 1:][mask].unsqueeze(1)).squeeze(1).to(wide)
+        if positions is None:
+            positions = predicted_indices(labels)
+        if logits.shape[0] != positions.numel():
+            raise ValueError(
+                f"logits {tuple(logits.shape)} are not one row per labelled position of {positions.numel()}"
+            )
+        # position p of the flattened batch predicts the next flattened token (never across rows:
+        # a row's last position predicts nothing)
+        targets = labels.flatten().index_select(0, positions + 1)
+        picked = torch.gather(logits, 1, targets.unsqueeze(1)).squeeze(1).to(wide)
         per_token = picked - _logsumexp_wide(logits, LOGSUMEXP_POSITIONS)
-        total = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token).sum(-1)
+        flat = per_token.new_zeros(labels.numel()).index_copy(0, positions, per_token)
+        total = flat.view(labels.shape)[:, :-1].sum(-1)
     else:
         if logits.shape[:-1] != labels.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")

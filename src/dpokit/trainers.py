@@ -199,11 +199,11 @@ class BasicTrainer:
         labels = cat["concatenated_labels"]
         # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
         # under activation checkpointing
-        with self.autocast(), losses.logits_where_predicted(model, labels):
+        with self.autocast(), losses.logits_where_predicted(model, labels) as positions:
             out = model(
                 cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"], use_cache=False
             )
-        logps = losses.batch_logps(out.logits, labels)
+        logps = losses.batch_logps(out.logits, labels, positions=positions)
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n], logps[n:]
 
@@ -227,11 +227,12 @@ class BasicTrainer:
             metrics[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
             metrics[f"logps_{split}/rejected"] = rejected_logps.detach()
         else:
-            with self.autocast(), losses.logits_where_predicted(self.policy, batch["chosen_labels"]):
+            labels = batch["chosen_labels"]
+            with self.autocast(), losses.logits_where_predicted(self.policy, labels) as positions:
                 out = self.policy(
                     batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"], use_cache=False
                 )
-            chosen_logps = losses.batch_logps(out.logits, batch["chosen_labels"])
+            chosen_logps = losses.batch_logps(out.logits, labels, positions=positions)
             per_example = losses.sft_loss(chosen_logps)
         metrics[f"logps_{split}/chosen"] = chosen_logps.detach()
         metrics[f"loss/{split}"] = per_example.detach()
