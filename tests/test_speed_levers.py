@@ -156,3 +156,22 @@ def test_fused_gelu_can_be_turned_off(train, monkeypatch):
     train(*args, "model.fused_gelu=false", exp_name="off")
     train(*args, exp_name="on")
     assert unfused[0] > 0 and unfused[1] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned, non-blocking copy is the CUDA path")
+def test_batches_reach_cuda_through_pinned_non_blocking_copies_intact():
+    """The copy does not wait for the GPU, and what arrives is the batch (the pinned source stays
+    alive until the copy is done: torch's caching host allocator records the copy's stream)."""
+    from dpokit.trainers import slice_batch
+
+    batch = {
+        "ids": torch.randint(0, 4000, (8, 512)),
+        "labels": torch.randint(-100, 4000, (8, 512)),
+        "prompt": ["a"] * 8,
+    }
+    for part in range(2):
+        local = slice_batch(batch, part, 2, "cuda")
+        assert local["ids"].is_cuda and local["prompt"] == ["a"] * 4
+        torch.cuda.synchronize()
+        assert torch.equal(local["ids"].cpu(), batch["ids"][part * 4 : (part + 1) * 4])
+        assert torch.equal(local["labels"].cpu(), batch["labels"][part * 4 : (part + 1) * 4])

@@ -68,7 +68,16 @@ def slice_batch(batch: dict, index: int, n_slices: int, device: torch.device | s
     """The index-th of n_slices equal parts of a batch, tensors moved to the device."""
     size = len(next(iter(batch.values()))) // n_slices
     part = {k: v[index * size : (index + 1) * size] for k, v in batch.items()}
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in part.items()}
+    return {k: (to_device(v, device) if isinstance(v, torch.Tensor) else v) for k, v in part.items()}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch tensor on the device. To CUDA through page-locked memory and without blocking: a
+    copy from pageable memory ends with a stream synchronize, so the host would wait for all the
+    work queued before it instead of preparing the next batch meanwhile."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def rng_state() -> dict:
@@ -242,7 +251,7 @@ class BasicTrainer:
         """The frozen reference model's log-probs of chosen and rejected: looked up when they were
         precomputed (precompute_ref_log_probs), else computed."""
         if self.precomputed is not None:
-            table = self.precomputed[split][batch["item_index"].cpu()].to(self.device)
+            table = to_device(self.precomputed[split][batch["item_index"].cpu()], self.device)
             return table[:, 0], table[:, 1]
         assert self.reference_model is not None
         with torch.no_grad():
@@ -448,7 +457,7 @@ class BasicTrainer:
             local_micro = slice_batch(slice_batch(batch, micro, n_micro, "cpu"), self.rank, self.world_size, "cpu")
             for group, rows in length_groups(local_micro, self.config.length_groups):
                 tokens += token_counts(group)
-                group = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in group.items()}
+                group = {k: (to_device(v, self.device) if isinstance(v, torch.Tensor) else v) for k, v in group.items()}
                 loss, group_metrics = self.get_batch_metrics(group, self.config.loss, train=True)
                 (loss * rows / len(local_micro["chosen_input_ids"]) / n_micro).backward()
                 for k, v in group_metrics.items():
