@@ -279,7 +279,8 @@ class BasicTrainer:
             table = tables.get(split)
             if table is None or table.shape != (n_items, 2):
                 table = tables[split] = torch.full((n_items, 2), float("nan"))
-            missing = {i for i in set(iterator.items()) if bool(table[i].isnan().any())}
+            visited = torch.tensor(sorted(set(iterator.items())), dtype=torch.long)
+            missing = set(visited[table[visited].isnan().any(1)].tolist())
             if not missing:
                 continue
             assert self.reference_model is not None
