@@ -84,25 +84,29 @@ def predicted_indices(labels: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def logits_where_predicted(model: torch.nn.Module, labels: torch.Tensor) -> Iterator[torch.Tensor | None]:
+def logits_where_predicted(
+    model: torch.nn.Module, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> Iterator[torch.Tensor | None]:
     """Inside, the model's output layer sees only the hidden states of the positions that predict
     a label, so its logits are (n, vocab) for those n positions instead of (batch, seq, vocab).
     The prompt and the padding, most of a DPO batch, never go through the vocabulary projection:
-    the same numbers per position, less compute and memory (most for large vocabularies). Yields
-    the positions (`predicted_indices`) for batch_logps, so that the selection costs one device
-    wait per forward, not one per use; None for a model without an output layer to hook. A model
-    whose output layer gets other shapes is left alone (batch_logps takes either form)."""
+    the same numbers per position, less compute and memory (most for large vocabularies).
+    positions: `predicted_indices(labels)`, best found from the labels on the CPU (on CUDA,
+    finding them on the device waits for it); computed here when not given. Yields them for
+    batch_logps, or None for a model without an output layer to hook. A model whose output
+    layer gets other shapes is left alone (batch_logps takes either form)."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None:
         yield None
         return
-    positions = predicted_indices(labels)
+    if positions is None:
+        positions = predicted_indices(labels)
 
     def select(_module: torch.nn.Module, args: tuple) -> tuple | None:
         hidden = args[0]
         if hidden.dim() == 3 and hidden.shape[:2] == labels.shape:
-            return (hidden.flatten(0, 1).index_select(0, positions.to(hidden.device)), *args[1:])
+            return (hidden.flatten(0, 1).index_select(0, positions), *args[1:])
         return None
 
     handle = head.register_forward_pre_hook(select)

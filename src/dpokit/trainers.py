@@ -64,17 +64,18 @@ def formatted(metrics: dict) -> dict:
     return {k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
-def slice_batch(batch: dict, index: int, n_slices: int, device: torch.device | str) -> dict:
-    """The index-th of n_slices equal parts of a batch, tensors moved to the device."""
+def slice_batch(batch: dict, index: int, n_slices: int) -> dict:
+    """The index-th of n_slices equal parts of a batch. Batches stay on the CPU until a forward
+    needs them (`to_device`): what is computed from them on the way (the predicting positions,
+    the lookup of precomputed log-probs) then never waits for the device."""
     size = len(next(iter(batch.values()))) // n_slices
-    part = {k: v[index * size : (index + 1) * size] for k, v in batch.items()}
-    return {k: (to_device(v, device) if isinstance(v, torch.Tensor) else v) for k, v in part.items()}
+    return {k: v[index * size : (index + 1) * size] for k, v in batch.items()}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A batch tensor on the device. To CUDA through page-locked memory and without blocking: a
-    copy from pageable memory ends with a stream synchronize, so the host would wait for all the
-    work queued before it instead of preparing the next batch meanwhile."""
+    """A tensor from the CPU on the device. To CUDA through page-locked memory and without
+    blocking: a copy from pageable memory ends with a stream synchronize, so the host would wait
+    for all the work queued before it instead of preparing the next batch meanwhile."""
     if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
@@ -202,17 +203,27 @@ class BasicTrainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def sequence_logps(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """log p(labelled tokens) of each sequence, from a batch on the CPU. The positions whose
+        logits are needed are found there, so the host does not wait for the device to know how
+        many there are and can queue this forward while the previous backward still runs."""
+        device = self.device
+        positions = to_device(losses.predicted_indices(labels), device)
+        labels = to_device(labels, device)
+        # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
+        # under activation checkpointing
+        with self.autocast(), losses.logits_where_predicted(model, labels, positions):
+            out = model(to_device(input_ids, device), attention_mask=to_device(attention_mask, device), use_cache=False)
+        return losses.batch_logps(out.logits, labels, positions=positions)
+
     def concatenated_forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected through the model as one batch (one forward instead of two)."""
         cat = losses.concatenated_inputs(batch)
-        labels = cat["concatenated_labels"]
-        # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
-        # under activation checkpointing
-        with self.autocast(), losses.logits_where_predicted(model, labels) as positions:
-            out = model(
-                cat["concatenated_input_ids"], attention_mask=cat["concatenated_attention_mask"], use_cache=False
-            )
-        logps = losses.batch_logps(out.logits, labels, positions=positions)
+        logps = self.sequence_logps(
+            model, cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
+        )
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n], logps[n:]
 
@@ -236,12 +247,9 @@ class BasicTrainer:
             metrics[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
             metrics[f"logps_{split}/rejected"] = rejected_logps.detach()
         else:
-            labels = batch["chosen_labels"]
-            with self.autocast(), losses.logits_where_predicted(self.policy, labels) as positions:
-                out = self.policy(
-                    batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"], use_cache=False
-                )
-            chosen_logps = losses.batch_logps(out.logits, labels, positions=positions)
+            chosen_logps = self.sequence_logps(
+                self.policy, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"]
+            )
             per_example = losses.sft_loss(chosen_logps)
         metrics[f"logps_{split}/chosen"] = chosen_logps.detach()
         metrics[f"loss/{split}"] = per_example.detach()
@@ -251,7 +259,7 @@ class BasicTrainer:
         """The frozen reference model's log-probs of chosen and rejected: looked up when they were
         precomputed (precompute_ref_log_probs), else computed."""
         if self.precomputed is not None:
-            table = to_device(self.precomputed[split][batch["item_index"].cpu()], self.device)
+            table = to_device(self.precomputed[split][batch["item_index"]], self.device)
             return table[:, 0], table[:, 1]
         assert self.reference_model is not None
         with torch.no_grad():
@@ -288,10 +296,10 @@ class BasicTrainer:
             batches = every_item(iterator, size, only=missing)
             for batch in progress.bar(batches, total=-(-len(missing) // size), desc=f"Reference log-probs ({split})",
                                       enabled=self.rank == 0):  # fmt: skip
-                local = slice_batch(batch, self.rank, self.world_size, self.device)
+                local = slice_batch(batch, self.rank, self.world_size)
                 with torch.no_grad():
                     chosen, rejected = self.concatenated_forward(self.reference_model, local)
-                index = self.dist.gather(local["item_index"]).cpu()
+                index = self.dist.gather(to_device(local["item_index"], self.device)).cpu()
                 table[index] = torch.stack([self.dist.gather(chosen), self.dist.gather(rejected)], 1).float().cpu()
             computed += len(missing)
         if computed == 0:
@@ -314,8 +322,8 @@ class BasicTrainer:
 
         def sample(model: Any) -> list[str]:
             out = model.generate(
-                batch["prompt_input_ids"],
-                attention_mask=batch["prompt_attention_mask"],
+                to_device(batch["prompt_input_ids"], self.device),
+                attention_mask=to_device(batch["prompt_attention_mask"], self.device),
                 max_length=self.config.max_length,
                 do_sample=True,
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -331,7 +339,7 @@ class BasicTrainer:
         self.policy.eval()
         all_metrics = defaultdict(list)
         for eval_batch in progress.bar(self.eval_batches, desc="Computing eval metrics", enabled=self.rank == 0):
-            local = slice_batch(eval_batch, self.rank, self.world_size, self.device)
+            local = slice_batch(eval_batch, self.rank, self.world_size)
             with torch.no_grad():
                 _, metrics = self.get_batch_metrics(local, self.config.loss, train=False)
             for k, v in metrics.items():
@@ -354,7 +362,7 @@ class BasicTrainer:
         for eval_batch in progress.bar(
             self.eval_batches[:n_batches], desc="Generating samples", enabled=self.rank == 0
         ):
-            local = slice_batch(eval_batch, self.rank, self.world_size, self.device)
+            local = slice_batch(eval_batch, self.rank, self.world_size)
             with torch.no_grad():
                 p, r = self.get_batch_samples(local)
             for mine, into in ((local["prompt"], prompts), (p, policy_samples), (r, reference_samples)):
@@ -455,10 +463,9 @@ class BasicTrainer:
         n_micro = self.config.gradient_accumulation_steps
         tokens = torch.zeros(2, dtype=torch.long)  # real and padded tokens through the policy
         for micro in range(n_micro):
-            local_micro = slice_batch(slice_batch(batch, micro, n_micro, "cpu"), self.rank, self.world_size, "cpu")
+            local_micro = slice_batch(slice_batch(batch, micro, n_micro), self.rank, self.world_size)
             for group, rows in length_groups(local_micro, self.config.length_groups):
                 tokens += token_counts(group)
-                group = {k: (to_device(v, self.device) if isinstance(v, torch.Tensor) else v) for k, v in group.items()}
                 loss, group_metrics = self.get_batch_metrics(group, self.config.loss, train=True)
                 (loss * rows / len(local_micro["chosen_input_ids"]) / n_micro).backward()
                 for k, v in group_metrics.items():
