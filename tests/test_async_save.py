@@ -78,6 +78,9 @@ def test_background_saves_equal_synchronous_saves_bit_for_bit(train):
             )
     stalls = [r["checkpoint/stall_seconds"] for r in metrics_log(background) if "checkpoint/stall_seconds" in r]
     assert len(stalls) == 3 and all(s >= 0 for s in stalls)
+    # tied weights stay one tensor in the file, as in a synchronous save (not two copies)
+    policy = load_payload(background / "LATEST" / "policy.pt")["state"]
+    assert policy["lm_head.weight"].data_ptr() == policy["transformer.wte.weight"].data_ptr()
 
 
 def _tensors(state, path: str = "") -> dict[str, torch.Tensor]:

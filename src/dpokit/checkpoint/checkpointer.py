@@ -273,12 +273,18 @@ class Checkpointer:
         pending: list[tuple[torch.Tensor, torch.Tensor]],
         copy_now: Callable[[torch.Tensor], bool],
         path: str = "",
+        seen: dict[tuple, torch.Tensor] | None = None,
     ) -> Any:
         """`state` with every tensor replaced by a buffer kept from one save to the next (pinned
         on CUDA, so the copy does not wait for the GPU) and every other value copied. Tensors for
         which copy_now is true are copied here; the others are appended to `pending` as (buffer,
-        source) for the background thread."""
+        source) for the background thread. Entries that are one tensor (tied weights) get one
+        buffer, so the file keeps them one tensor, as a synchronous save does."""
+        seen = {} if seen is None else seen
         if isinstance(state, torch.Tensor):
+            same = (state.data_ptr(), state.device, state.dtype, tuple(state.shape), state.stride())
+            if same in seen:
+                return seen[same]
             buffer = self._buffers.get(path)
             if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
                 pinned = state.device.type == "cuda"
@@ -287,11 +293,12 @@ class Checkpointer:
                 buffer.copy_(state.detach())
             else:
                 pending.append((buffer, state.detach()))
+            seen[same] = buffer
             return buffer
         if isinstance(state, dict):
-            return type(state)((k, self._snapshot(v, pending, copy_now, f"{path}/{k}")) for k, v in state.items())
+            return type(state)((k, self._snapshot(v, pending, copy_now, f"{path}/{k}", seen)) for k, v in state.items())
         if isinstance(state, (list, tuple)):
-            return type(state)(self._snapshot(v, pending, copy_now, f"{path}/{i}") for i, v in enumerate(state))
+            return type(state)(self._snapshot(v, pending, copy_now, f"{path}/{i}", seen) for i, v in enumerate(state))
         return copy.deepcopy(state)
 
     def _write(
