@@ -135,6 +135,13 @@ def dpo_sharded(root) -> Path:
 
 
 @pytest.fixture(scope="module")
+def dpo_sharded_async(root) -> Path:
+    run = root / "dpo_sharded_async"
+    torchrun(*DPO, "exp_name=dpo", f"local_run_dir={run}", "checkpoint.format=sharded", "checkpoint.async=true")
+    return run
+
+
+@pytest.fixture(scope="module")
 def dpo_one(root) -> Path:
     return Path(one_process(*DPO, "exp_name=dpo1", f"local_run_dir={root / 'dpo_one'}")["run_dir"])
 
@@ -204,6 +211,32 @@ def test_sharded_checkpoints_consolidate_to_the_full_ones(dpo_full, dpo_sharded,
             assert_bitwise_equal(entry, cons_optim["state"][param])
     verify = run_cli_cpu("ckpt", "verify", str(dpo_sharded))
     assert verify.returncode == 0 and verify.stdout.count("OK ") == 4, verify.stdout
+
+
+@pytest.mark.exact_on_cpu("two CUDA runs of the same training need not repeat bit for bit")
+def test_background_sharded_saves_consolidate_to_the_synchronous_full_ones(dpo_full, dpo_sharded_async, tmp_path):
+    """Each process snapshots its shards and writes them from its own thread (Distributed
+    Checkpoint over a process group of its own, while training goes on over the default one);
+    every checkpoint, consolidated, has the bits of the same job's synchronous full save."""
+    saved = sorted(p.name for p in dpo_sharded_async.iterdir() if p.name.startswith("step-") or p.name == "LATEST")
+    assert saved == sorted(p.name for p in dpo_full.iterdir() if p.name.startswith("step-") or p.name == "LATEST")
+    for name in saved:
+        shards = json.loads((dpo_sharded_async / name / "manifest.json").read_text())["files"]
+        assert sorted(k for k in shards if k.startswith("sharded/")) == [
+            "sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"]  # fmt: skip
+        out = tmp_path / name
+        result = run_cli_cpu("ckpt", "consolidate", str(dpo_sharded_async / name), str(out))
+        assert result.returncode == 0, result.stderr
+        assert_bitwise_equal(policy(out, "."), policy(dpo_full, name))
+        full_optim = torch.load(dpo_full / name / "optimizer.pt", weights_only=True)["state"]["state"]
+        cons_optim = torch.load(out / "optimizer.pt", weights_only=True)["state"]["state"]
+        assert full_optim.keys() == cons_optim.keys()
+        for param, entry in full_optim.items():
+            assert_bitwise_equal(entry, cons_optim[param])
+    stalls = [r["checkpoint/stall_seconds"] for r in metrics_log(dpo_sharded_async) if "checkpoint/stall_seconds" in r]
+    assert len(stalls) == len(saved) and all(s >= 0 for s in stalls)
+    verify = run_cli_cpu("ckpt", "verify", str(dpo_sharded_async))
+    assert verify.returncode == 0 and verify.stdout.count("OK ") == len(saved), verify.stdout
 
 
 def test_verify_checks_every_shard(dpo_sharded, tmp_path):

@@ -403,10 +403,6 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for key, allowed in (("data.on_bad_row", ("auto", "error", "skip")), ("checkpoint.on_interrupt", ("stop", "save"))):
         if OmegaConf.select(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be {' or '.join(allowed)}, got '{OmegaConf.select(cfg, key)}'")
-    if cfg.checkpoint.async_save and cfg.checkpoint.format != "full":
-        raise ConfigError(
-            "config key 'checkpoint.async_save' works with checkpoint.format=full (sharded saves are synchronous)"
-        )
     if cfg.checkpoint.format not in CHECKPOINT_FORMATS:
         raise ConfigError(
             f"config key 'checkpoint.format' must be one of {', '.join(CHECKPOINT_FORMATS)}, got '{cfg.checkpoint.format}'"

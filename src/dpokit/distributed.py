@@ -105,7 +105,8 @@ class Distribution(Protocol):
     def barrier(self) -> None: ...
     def any(self, flag: bool) -> bool: ...
     def broadcast_object(self, obj: Any) -> Any: ...
-    def all_gather_object(self, obj: Any) -> list: ...
+    def all_gather_object(self, obj: Any, group: Any = None) -> list: ...
+    def checkpoint_group(self) -> Any: ...
     def generate_kwargs(self) -> dict: ...
     def full_state_dict(self, model: nn.Module) -> dict: ...
     def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict: ...
@@ -177,8 +178,11 @@ class SingleProcess:
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
-    def all_gather_object(self, obj: Any) -> list:
+    def all_gather_object(self, obj: Any, group: Any = None) -> list:
         return [obj]
+
+    def checkpoint_group(self) -> Any:
+        return None
 
     def generate_kwargs(self) -> dict:
         return {}
@@ -330,6 +334,7 @@ class FSDP2:
         self.mixed_precision = getattr(torch, mixed_precision) if mixed_precision else None
         self.log = log
         self.block_class: type | None = None
+        self._checkpoint_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -389,10 +394,18 @@ class FSDP2:
         torch_dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_gather_object(self, obj: Any) -> list:
+    def all_gather_object(self, obj: Any, group: Any = None) -> list:
         out: list = [None] * self.world_size
-        torch_dist.all_gather_object(out, obj)
+        torch_dist.all_gather_object(out, obj, group=group)
         return out
+
+    def checkpoint_group(self) -> Any:
+        """A gloo process group for the collectives of background saves, so that they never
+        interleave with the loop's on the default group. Created on first use: every process
+        must ask at the same point (a save)."""
+        if self._checkpoint_group is None:
+            self._checkpoint_group = torch_dist.new_group(backend="gloo")
+        return self._checkpoint_group
 
     def generate_kwargs(self) -> dict:
         # every process must run the same number of forward passes (each one all-gathers shards)

@@ -16,9 +16,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dpokit.checkpoint import sharded
 from dpokit.checkpoint.discovery import step_dir_name
@@ -34,7 +35,7 @@ from dpokit.checkpoint.format import (
     read_manifest,
 )
 from dpokit.checkpoint.retention import RetentionPolicy, apply_retention
-from dpokit.checkpoint.storage import LATEST, STAGING_PREFIX, Storage
+from dpokit.checkpoint.storage import LATEST, STAGING_PREFIX, FileRecord, Storage
 from dpokit.distributed import tied_parameters
 from dpokit.errors import CheckpointError
 
@@ -120,11 +121,11 @@ class Checkpointer:
         touched by a failed save.
         """
         target = Path(where) if where is not None else self.run_dir / (LATEST if final else step_dir_name(step))
-        if self.settings.async_save:
-            return self._save_async(target, step, metrics)
-        self.log(f"saving checkpoint to {target}...")
         start = time.perf_counter()
         try:
+            if self.settings.async_save:  # what fails before the background part is handled here
+                return self._save_async(target, step, metrics)
+            self.log(f"saving checkpoint to {target}...")
             if self.settings.format == "sharded":
                 self._save_sharded(target, step, metrics)
             else:
@@ -198,8 +199,17 @@ class Checkpointer:
     def _save_sharded(self, target: Path, step: int, metrics: dict | None) -> None:
         # Every process writes its own part into one staging directory whose name the main
         # process chooses; the manifest (with every process's file records) is written last.
+        staging = self._stage_shared(target)
+        state = self.dist.sharded_state_dict(self.policy, self.optimizer if self.settings.save_optimizer else None)
+        mine, error = self._write_shards(target, staging, state)
+        layout = self._sharded_layout(state)
+        error = self._seal_shards(target, step, metrics, staging, mine, error, self._small_files(), layout)
+        self._raise_if(self.dist.broadcast_object(error))
+
+    def _stage_shared(self, target: Path) -> Path:
+        """One staging directory for every process (collective): the main process names and
+        creates it."""
         name = self.dist.broadcast_object(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}" if self.dist.is_main else None)
-        staging = target.parent / name
         error = None
         if self.dist.is_main:
             try:
@@ -207,28 +217,51 @@ class Checkpointer:
             except CheckpointError as err:
                 error = _failed(target, err)
         self._raise_if(self.dist.broadcast_object(error))
-        state: dict = {}
+        return target.parent / name
+
+    def _small_files(self) -> dict[str, Any]:
+        """The files a sharded checkpoint keeps whole: scheduler and trainer state (collective)."""
+        if not self.settings.save_optimizer:
+            return {}
+        return {SCHEDULER: self.scheduler.state_dict(), TRAINER_STATE: self.trainer_state()}
+
+    def _sharded_layout(self, state: dict) -> dict:
+        return {"layout": "sharded", "sharded_state": sorted(state), "tied": tied_parameters(self.policy)}
+
+    def _write_shards(
+        self, target: Path, staging: Path, state: dict, group: Any = None
+    ) -> tuple[dict[str, FileRecord], str | None]:
+        """This process's part, written (collective over `group`); its file records, or the failure."""
         try:
-            state = self.dist.sharded_state_dict(self.policy, self.optimizer if self.settings.save_optimizer else None)
-            mine = sharded.write(staging, state, self.dist.rank, self.settings.fsync)
+            return sharded.write(staging, state, self.dist.rank, self.settings.fsync, group), None
         except CheckpointError as err:
-            mine, error = {}, _failed(target, err)
-        except OSError as err:  # raised by the DCP writer as is
-            mine, error = {}, _failed(target, CheckpointError(f"{err.strerror or err}"))
-        outcomes = self.dist.all_gather_object((mine, error))
+            return {}, _failed(target, err)
+
+    def _seal_shards(
+        self,
+        target: Path,
+        step: int,
+        metrics: dict | None,
+        staging: Path,
+        mine: dict[str, FileRecord],
+        error: str | None,
+        files: dict,
+        layout: dict,
+        group: Any = None,
+    ) -> str | None:
+        """Once every process's part is written (collective over `group`): the main process
+        writes the small files and the manifest and publishes, or discards the staging directory
+        if any process failed. Returns the failure (every process learns a write failure; only
+        the main process a publishing one)."""
+        outcomes = self.dist.all_gather_object((mine, error), group)
         error = next((e for _, e in outcomes if e), None)
-        files = {}
-        if self.settings.save_optimizer:
-            files[SCHEDULER] = self.scheduler.state_dict()
-            files[TRAINER_STATE] = self.trainer_state()
-        if self.dist.is_main:
-            if error is not None:
-                self.storage.discard(staging)
-            else:
-                records = {k: v for recs, _ in outcomes for k, v in recs.items()}
-                layout = {"layout": "sharded", "sharded_state": sorted(state), "tied": tied_parameters(self.policy)}
-                error = self._publish(target, step, metrics, files, records, staging, layout)
-        self._raise_if(self.dist.broadcast_object(error))
+        if not self.dist.is_main:
+            return error
+        if error is not None:
+            self.storage.discard(staging)
+            return error
+        records = {k: v for recs, _ in outcomes for k, v in recs.items()}
+        return self._publish(target, step, metrics, files, records, staging, layout)
 
     # -- asynchronous saves ----------------------------------------------------------------
 
@@ -241,6 +274,8 @@ class Checkpointer:
         manifest last, atomic publish, retention after publish). One save in flight at most:
         the previous one is waited for first, and its failure is reported here."""
         self.wait()
+        if self.settings.format == "sharded":
+            return self._save_sharded_async(target, step, metrics)
         start = time.perf_counter()
         files = self._collect()  # collective: every process takes part
         if self.dist.is_main:
@@ -257,6 +292,33 @@ class Checkpointer:
                 name=f"dpokit-save-{step}",
             )
             self._writer.start()
+        return target
+
+    def _save_sharded_async(self, target: Path, step: int, metrics: dict | None) -> Path:
+        """The sharded layout in the background: every process snapshots its own shards as
+        _save_async does and its own thread writes them with Distributed Checkpoint, whose
+        collectives go through a process group of their own (`checkpoint_group`) so that they
+        never interleave with the loop's; once every part is written, the main process's thread
+        seals and publishes."""
+        start = time.perf_counter()
+        group = self.dist.checkpoint_group()  # collective on first use
+        staging = self._stage_shared(target)  # collective
+        state = self.dist.sharded_state_dict(self.policy, self.optimizer if self.settings.save_optimizer else None)
+        layout = self._sharded_layout(state)
+        live = {b.data_ptr() for b in self.policy.buffers()}  # forward may change these (e.g. BatchNorm)
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        snapshot = self._snapshot(state, pending, copy_now=lambda t: t.data_ptr() in live, path="/sharded")
+        files = self._snapshot(self._small_files(), pending, copy_now=lambda t: True, path="/files")
+        del state
+        self._copied.clear()
+        self._outcome, self._fence_seconds = {}, 0.0
+        self.log(f"saving checkpoint to {target} in the background...")
+        self._writer = threading.Thread(
+            target=self._write_sharded,
+            args=(target, step, metrics, staging, snapshot, files, layout, pending, group, time.perf_counter() - start),
+            name=f"dpokit-save-{step}",
+        )
+        self._writer.start()
         return target
 
     def before_update(self) -> None:
@@ -281,6 +343,8 @@ class Checkpointer:
         source) for the background thread. Entries that are one tensor (tied weights) get one
         buffer, so the file keeps them one tensor, as a synchronous save does."""
         seen = {} if seen is None else seen
+        if isinstance(state, DTensor):
+            return self._snapshot_dtensor(state, pending, copy_now, path)
         if isinstance(state, torch.Tensor):
             same = (state.data_ptr(), state.device, state.dtype, tuple(state.shape), state.stride())
             if same in seen:
@@ -301,6 +365,34 @@ class Checkpointer:
             return type(state)(self._snapshot(v, pending, copy_now, f"{path}/{i}", seen) for i, v in enumerate(state))
         return copy.deepcopy(state)
 
+    def _snapshot_dtensor(
+        self,
+        state: DTensor,
+        pending: list[tuple[torch.Tensor, torch.Tensor]],
+        copy_now: Callable[[torch.Tensor], bool],
+        path: str,
+    ) -> DTensor:
+        """A DTensor with `state`'s mesh and placements whose local shard is a reused host buffer
+        (built as Distributed Checkpoint's own staging builds them: the local tensor replaced)."""
+        detached = cast(DTensor, state.detach())
+        local = detached.to_local()
+        buffer = self._buffers.get(path)
+        if (
+            not isinstance(buffer, DTensor)
+            or buffer.placements != state.placements
+            or buffer._local_tensor.shape != local.shape
+            or buffer._local_tensor.dtype != local.dtype
+        ):
+            on_cuda = local.device.type == "cuda"
+            buffer = cast(DTensor, detached.to("cpu") if on_cuda else copy.deepcopy(detached))
+            buffer._local_tensor = torch.empty(local.shape, dtype=local.dtype, pin_memory=on_cuda)
+            self._buffers[path] = buffer
+        if copy_now(local):
+            buffer._local_tensor.copy_(local)
+        else:
+            pending.append((buffer._local_tensor, local))
+        return buffer
+
     def _write(
         self,
         target: Path,
@@ -312,28 +404,65 @@ class Checkpointer:
     ) -> None:
         start = time.perf_counter()
         try:
-            try:
-                for buffer, source in pending:
-                    buffer.copy_(source, non_blocking=source.device.type == "cuda")
-                copied = torch.cuda.Event() if torch.cuda.is_available() else None
-                if copied is not None:
-                    # copies from this thread are queued on the default stream like the step that
-                    # before_update() releases, so that step cannot overtake them
-                    copied.record()
-            finally:
-                self._copied.set()
-            if copied is not None:
-                copied.synchronize()  # the non-blocking copies into pinned buffers have landed
+            self._copy_pending(pending)
             error = self._publish(target, step, metrics, files)
             if error is None and target.parent == self.run_dir:
                 self._retain()
         except BaseException as err:  # a bug: surfaced, with its traceback, at the next wait()
             self._outcome = {"exception": err}
             return
+        self._outcome = {"error": error, "stats": self._stats(target, step, stall, start, error)}
+
+    def _write_sharded(
+        self,
+        target: Path,
+        step: int,
+        metrics: dict | None,
+        staging: Path,
+        state: dict,
+        files: dict,
+        layout: dict,
+        pending: list[tuple[torch.Tensor, torch.Tensor]],
+        group: Any,
+        stall: float,
+    ) -> None:
+        start = time.perf_counter()
+        try:
+            self._copy_pending(pending)
+            mine, error = self._write_shards(target, staging, state, group)
+            error = self._seal_shards(target, step, metrics, staging, mine, error, files, layout, group)
+            if error is None and self.dist.is_main and target.parent == self.run_dir:
+                self._retain()
+        except BaseException as err:  # a bug: surfaced, with its traceback, at the next wait()
+            self._outcome = {"exception": err}
+            return
+        self._outcome = {"error": error, "stats": self._stats(target, step, stall, start, error)}
+
+    def _copy_pending(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The snapshot's deferred copies; releases before_update() once they are queued."""
+        copied = None
+        try:
+            for buffer, source in pending:
+                buffer.copy_(source, non_blocking=source.device.type == "cuda")
+            copied = torch.cuda.Event() if torch.cuda.is_available() else None
+            if copied is not None:
+                # copies from this thread are queued on the default stream like the step that
+                # before_update() releases, so that step cannot overtake them
+                copied.record()
+        finally:
+            self._copied.set()
+        if copied is not None:
+            copied.synchronize()  # the non-blocking copies into pinned buffers have landed
+
+    def _stats(self, target: Path, step: int, stall: float, start: float, error: str | None) -> dict:
         seconds = time.perf_counter() - start
-        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) if error is None else 0
-        self._outcome = {"error": error, "stats": {"checkpoint/stall_seconds": stall, "checkpoint/write_seconds": seconds,
-                                                   "checkpoint/bytes": size, "checkpoint/step": step}}  # fmt: skip
+        size = (
+            sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            if error is None and self.dist.is_main
+            else 0
+        )
+        return {"checkpoint/stall_seconds": stall, "checkpoint/write_seconds": seconds, "checkpoint/bytes": size,
+                "checkpoint/step": step}  # fmt: skip
 
     def wait(self) -> None:
         """Let the save in flight finish; report its numbers and its failure (on every process:
@@ -344,7 +473,7 @@ class Checkpointer:
             self._writer, outcome = None, self._outcome
             if "exception" in outcome:
                 raise outcome["exception"]
-            if outcome.get("error") is None:
+            if outcome.get("error") is None and self.dist.is_main:
                 stats = outcome["stats"]
                 # the loop was held twice: in save() and, if the copy was not done by then, before its next step
                 stats["checkpoint/stall_seconds"] += self._fence_seconds

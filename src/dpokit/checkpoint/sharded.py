@@ -36,21 +36,41 @@ SHARD_DIR = "sharded"
 METADATA = ".metadata"
 
 
-def write(staging: Path, state: dict, rank: int, fsync: bool = True) -> dict[str, FileRecord]:
-    """Write this process's part of `state` (every process calls it); returns the records of
-    the files this process wrote, for the manifest."""
+def write(staging: Path, state: dict, rank: int, fsync: bool = True, group: Any = None) -> dict[str, FileRecord]:
+    """Write this process's part of `state` (every process calls it; DCP's collectives go
+    through `group`, the default process group when None); returns the records of the files this
+    process wrote, for the manifest."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     out = staging / SHARD_DIR
     out.mkdir(exist_ok=True)
     with single_process_dcp_is_intended():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(out), sync_files=fsync, single_file_per_rank=True))
+        writer = dcp.FileSystemWriter(str(out), sync_files=fsync, single_file_per_rank=True)
+        try:
+            dcp.save(state, storage_writer=writer, process_group=group)
+        except CheckpointException as err:  # with a process group: every process's failures
+            raise CheckpointError(write_failure(next(iter(err.failures.values()))[0], err)) from None
+        except (OSError, RuntimeError) as err:
+            raise CheckpointError(write_failure(err, err)) from None
     mine = {}
     for p in sorted(out.iterdir()):
         if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name == METADATA):
             # read back from the page cache right after writing: cheap, and spread over processes
             mine[f"{SHARD_DIR}/{p.name}"] = FileRecord(p.stat().st_size, checksum_file(p))
     return mine
+
+
+def write_failure(cause: BaseException, raised: BaseException) -> str:
+    """The reason a shard write failed, as a sentence; anything but a failed write is raised
+    again as it came. torch.save reports a write the disk refused (full, or past a file size
+    limit) only as a file shorter than it wrote: 'unexpected pos'."""
+    if isinstance(cause, OSError):
+        return cause.strerror or str(cause)
+    first = str(cause).splitlines()[0] if str(cause) else ""
+    if isinstance(cause, RuntimeError) and "unexpected pos" in first:
+        return f"a shard file came out short: the disk refused a write (full, or past a file size limit) ({first})"
+    raise raised
 
 
 def reader_path(ckpt_dir: Path) -> str:
