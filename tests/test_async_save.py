@@ -36,8 +36,8 @@ def test_next_step_waits_for_the_background_copy(tmp_path, monkeypatch):
         trainer_state=lambda: {"example_counter": 8}, dist=SingleProcess(), log=lambda _m: None,
     )  # fmt: skip
     gate = threading.Event()
-    real_write = ck._write
-    monkeypatch.setattr(ck, "_write", lambda *args: (gate.wait(), real_write(*args)))
+    real_background = ck._background
+    monkeypatch.setattr(ck, "_background", lambda *args: (gate.wait(), real_background(*args)))
     real_wait = ck._copied.wait
     monkeypatch.setattr(ck._copied, "wait", lambda: (gate.set(), real_wait())[1])
     expected = {k: v.clone() for k, v in model.state_dict().items()}

@@ -283,15 +283,7 @@ class Checkpointer:
             pending: list[tuple[torch.Tensor, torch.Tensor]] = []
             snapshot = self._snapshot(files, pending, copy_now=lambda t: t.data_ptr() in live)
             del files
-            self._copied.clear()
-            self._outcome, self._fence_seconds = {}, 0.0
-            self.log(f"saving checkpoint to {target} in the background...")
-            self._writer = threading.Thread(
-                target=self._write,
-                args=(target, step, metrics, snapshot, pending, time.perf_counter() - start),
-                name=f"dpokit-save-{step}",
-            )
-            self._writer.start()
+            self._start_background(target, step, pending, start, lambda: self._publish(target, step, metrics, snapshot))
         return target
 
     def _save_sharded_async(self, target: Path, step: int, metrics: dict | None) -> Path:
@@ -310,16 +302,32 @@ class Checkpointer:
         snapshot = self._snapshot(state, pending, copy_now=lambda t: t.data_ptr() in live, path="/sharded")
         files = self._snapshot(self._small_files(), pending, copy_now=lambda t: True, path="/files")
         del state
+
+        def write() -> str | None:
+            mine, error = self._write_shards(target, staging, snapshot, group)
+            return self._seal_shards(target, step, metrics, staging, mine, error, files, layout, group)
+
+        self._start_background(target, step, pending, start, write)
+        return target
+
+    def _start_background(
+        self,
+        target: Path,
+        step: int,
+        pending: list[tuple[torch.Tensor, torch.Tensor]],
+        start: float,
+        write: Callable[[], str | None],
+    ) -> None:
+        """The thread that finishes a snapshot's copies, then writes (`write`, returning the
+        failure or None) and applies retention; the loop was held since `start`."""
         self._copied.clear()
         self._outcome, self._fence_seconds = {}, 0.0
         self.log(f"saving checkpoint to {target} in the background...")
+        stall = time.perf_counter() - start
         self._writer = threading.Thread(
-            target=self._write_sharded,
-            args=(target, step, metrics, staging, snapshot, files, layout, pending, group, time.perf_counter() - start),
-            name=f"dpokit-save-{step}",
+            target=self._background, args=(target, step, pending, write, stall), name=f"dpokit-save-{step}"
         )
         self._writer.start()
-        return target
 
     def before_update(self) -> None:
         """Call before every optimizer step: with a save in flight, it waits until the state the
@@ -393,44 +401,18 @@ class Checkpointer:
             pending.append((buffer._local_tensor, local))
         return buffer
 
-    def _write(
+    def _background(
         self,
         target: Path,
         step: int,
-        metrics: dict | None,
-        files: dict,
         pending: list[tuple[torch.Tensor, torch.Tensor]],
+        write: Callable[[], str | None],
         stall: float,
     ) -> None:
         start = time.perf_counter()
         try:
             self._copy_pending(pending)
-            error = self._publish(target, step, metrics, files)
-            if error is None and target.parent == self.run_dir:
-                self._retain()
-        except BaseException as err:  # a bug: surfaced, with its traceback, at the next wait()
-            self._outcome = {"exception": err}
-            return
-        self._outcome = {"error": error, "stats": self._stats(target, step, stall, start, error)}
-
-    def _write_sharded(
-        self,
-        target: Path,
-        step: int,
-        metrics: dict | None,
-        staging: Path,
-        state: dict,
-        files: dict,
-        layout: dict,
-        pending: list[tuple[torch.Tensor, torch.Tensor]],
-        group: Any,
-        stall: float,
-    ) -> None:
-        start = time.perf_counter()
-        try:
-            self._copy_pending(pending)
-            mine, error = self._write_shards(target, staging, state, group)
-            error = self._seal_shards(target, step, metrics, staging, mine, error, files, layout, group)
+            error = write()
             if error is None and self.dist.is_main and target.parent == self.run_dir:
                 self._retain()
         except BaseException as err:  # a bug: surfaced, with its traceback, at the next wait()
