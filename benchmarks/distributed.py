@@ -102,6 +102,7 @@ def worker(model: str, out: str, repeats: int, layout: str) -> None:
     from dpokit import distributed
     from dpokit.checkpoint import Checkpointer, CheckpointSettings
     from dpokit.models import load_model
+    from dpokit.train import exit_worker
 
     rank, _ = distributed.init_process_group()
     dist = distributed.FSDP2("GPT2Block")
@@ -142,6 +143,7 @@ def worker(model: str, out: str, repeats: int, layout: str) -> None:
         n = sum(p.numel() for p in policy.parameters())  # DTensor.numel() is the whole parameter's
         print("RESULT " + json.dumps({"parameters": n, **results}), flush=True)
     distributed.shutdown(finished=True)
+    exit_worker(0)  # not the interpreter's teardown: gloo's threads outlive it after FSDP2 (see its docstring)
 
 
 def save_cost(model: str, root: Path, repeats: int) -> dict:

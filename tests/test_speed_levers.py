@@ -1,7 +1,8 @@
 """The speed levers keep the reference's results where they claim to: length groups (the same
 loss and gradient, less padding), precomputed reference log-probs (the same numbers as computing
 them on the fly), a length-grouped sampler (every item once an epoch, another order), bf16
-autocast with fp32 master weights, and the final evaluation made optional."""
+autocast with fp32 master weights, and the final evaluation made optional; and a step's
+metrics reach the host in one gather."""
 
 from __future__ import annotations
 
@@ -172,3 +173,41 @@ def test_batches_reach_cuda_through_pinned_non_blocking_copies_intact():
         torch.cuda.synchronize()
         assert torch.equal(ids.cpu(), batch["ids"][part * 4 : (part + 1) * 4])
         assert torch.equal(labels.cpu(), batch["labels"][part * 4 : (part + 1) * 4])
+
+
+def test_a_step_and_an_evaluation_each_bring_their_metrics_to_the_host_in_one_gather(train, monkeypatch):
+    """On CUDA a gather ends in a copy to the host, which waits for the device: one per length
+    group would stop the host before each backward is queued. Two steps of 2 micro-batches x 2
+    length groups, DPO (7 metrics per example): each step gathers once (4 examples x 7 + 2 token
+    counts + the gradient norm), each evaluation once (8 examples x 7); both steps and both
+    evaluations are logged."""
+    from dpokit.distributed import SingleProcess
+
+    sizes: list[int] = []
+    gather = SingleProcess.gather
+    monkeypatch.setattr(
+        SingleProcess, "gather", lambda self, values: sizes.append(values.numel()) or gather(self, values)
+    )
+    summary = train("loss=dpo", "loss.beta=0.1", "batch_size=4", "gradient_accumulation_steps=2", "length_groups=2",
+                    "n_examples=8", "eval_every=8")  # fmt: skip
+    assert sizes == [8 * 7, 4 * 7 + 3, 4 * 7 + 3, 8 * 7]
+    assert sorted(steps(summary, "tokens/real")) == [4, 8] and len(steps(summary, "loss/eval")) == 2
+
+
+def test_gathered_metrics_come_back_process_by_process():
+    """gather_metrics unpacks one flat gather: per-example values of process 0 then process 1, in
+    the order they were computed; per-process values as a (processes, values) table."""
+    from dpokit.trainers import gather_metrics
+
+    class TwoProcesses:
+        device = torch.device("cpu")
+
+        def gather(self, values: torch.Tensor) -> torch.Tensor:
+            return torch.cat([values, values + 100])  # the other process: the same values + 100
+
+    per_example = {"a": [torch.tensor([1.0, 2.0]), torch.tensor([3.0])], "b": [torch.tensor([4.0, 5.0, 6.0])]}
+    per_process = {"tokens": torch.tensor([7, 9]), "norm": torch.tensor(0.5)}
+    rows, by_process = gather_metrics(TwoProcesses(), per_example, per_process)  # type: ignore[arg-type]
+    assert rows == {"a": [1.0, 2.0, 3.0, 101.0, 102.0, 103.0], "b": [4.0, 5.0, 6.0, 104.0, 105.0, 106.0]}
+    assert by_process["tokens"].tolist() == [[7.0, 9.0], [107.0, 109.0]]
+    assert by_process["norm"].tolist() == [[0.5], [100.5]]

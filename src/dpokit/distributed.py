@@ -100,7 +100,7 @@ class Distribution(Protocol):
 
     def wrap_policy(self, model: nn.Module) -> nn.Module: ...
     def wrap_reference(self, model: nn.Module) -> nn.Module: ...
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float: ...
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor: ...
     def gather(self, values: torch.Tensor) -> torch.Tensor: ...
     def barrier(self) -> None: ...
     def any(self, flag: bool) -> bool: ...
@@ -163,8 +163,8 @@ class SingleProcess:
     def wrap_reference(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         return values
@@ -371,9 +371,9 @@ class FSDP2:
     def wrap_reference(self, model: nn.Module) -> nn.Module:
         return self._shard(model)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        return float(norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item())
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(values) for _ in range(self.world_size)]

@@ -81,6 +81,37 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.to(device)
 
 
+def gather_metrics(
+    dist: Distribution, per_example: dict[str, list[torch.Tensor]], per_process: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
+    """Metrics of every process on the host, through one collective and one copy from the device.
+
+    per_example: 1-D tensors, one value per example (the same number of examples on every
+    process), in pieces (micro-batches, length groups, eval batches) that are concatenated;
+    they come back as lists of floats, process by process. per_process: one process's values
+    (token counts, the gradient norm) that come back as a (processes, values) tensor. Gathering
+    each piece as it is computed would make the host wait for the device once per forward, and
+    before the backward is queued; this way it waits once, at the end.
+    """
+    per_process = per_process or {}
+    device = dist.device
+    names = list(per_example)
+    columns = [torch.cat(per_example[k]).double() for k in names]
+    n_rows = len(columns[0]) if columns else 0
+    local = torch.cat([
+        torch.stack(columns, 1).flatten() if columns else torch.zeros(0, dtype=torch.float64, device=device),
+        *(to_device(v, device).double().flatten() for v in per_process.values()),
+    ])  # fmt: skip
+    every = dist.gather(local).view(-1, len(local)).cpu()  # (processes, values); exact: float64 holds them all
+    rows = every[:, : n_rows * len(names)].reshape(-1, len(names))
+    gathered = {k: rows[:, i].tolist() for i, k in enumerate(names)}
+    offset, by_process = n_rows * len(names), {}
+    for k, v in per_process.items():
+        by_process[k] = every[:, offset : offset + v.numel()]
+        offset += v.numel()
+    return gathered, by_process
+
+
 def rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {
@@ -227,7 +258,11 @@ class BasicTrainer:
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n], logps[n:]
 
-    def get_batch_metrics(self, batch: dict, loss_config: DictConfig, train: bool = True) -> tuple[torch.Tensor, dict]:
+    def get_batch_metrics(
+        self, batch: dict, loss_config: DictConfig, train: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of this process's part of a batch, and its metrics, one value per example,
+        still on the device (`gather_metrics` brings a whole step's to the host at once)."""
         split = "train" if train else "eval"
         metrics = {}
         if self.is_preference:
@@ -253,7 +288,7 @@ class BasicTrainer:
             per_example = losses.sft_loss(chosen_logps)
         metrics[f"logps_{split}/chosen"] = chosen_logps.detach()
         metrics[f"loss/{split}"] = per_example.detach()
-        return per_example.mean(), {k: self.dist.gather(v).cpu().tolist() for k, v in metrics.items()}
+        return per_example.mean(), metrics
 
     def reference_logps(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen reference model's log-probs of chosen and rejected: looked up when they were
@@ -311,7 +346,7 @@ class BasicTrainer:
             atomic_write(path, lambda f: torch.save(tables, f), fsync=False)
         return tables
 
-    def clip_gradient(self) -> float:
+    def clip_gradient(self) -> torch.Tensor:
         return self.dist.clip_grad_norm(self.policy, self.config.max_grad_norm)
 
     # ---------------------------------------------------------------------------------------
@@ -337,13 +372,14 @@ class BasicTrainer:
     def evaluate(self) -> dict:
         self.print(f"Running evaluation after {self.example_counter} train examples")
         self.policy.eval()
-        all_metrics = defaultdict(list)
+        per_example: dict[str, list[torch.Tensor]] = defaultdict(list)
         for eval_batch in progress.bar(self.eval_batches, desc="Computing eval metrics", enabled=self.rank == 0):
             local = slice_batch(eval_batch, self.rank, self.world_size)
             with torch.no_grad():
                 _, metrics = self.get_batch_metrics(local, self.config.loss, train=False)
             for k, v in metrics.items():
-                all_metrics[k].extend(v)
+                per_example[k].append(v)
+        all_metrics, _ = gather_metrics(self.dist, per_example)
         mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
         if self.config.sample_during_eval and self.config.n_eval_model_samples > 0:
             self.sample()
@@ -404,7 +440,7 @@ class BasicTrainer:
                 batch_metrics = self.train_step(batch)
                 self.batch_counter += 1
                 self.example_counter += cfg.batch_size
-                batch_metrics["examples_per_second"].append(cfg.batch_size / (time.time() - start))
+                batch_metrics["examples_per_second"] = [cfg.batch_size / (time.time() - start)]
                 bar.update(cfg.batch_size)
 
                 if last_log is None or time.time() - last_log > cfg.minimum_log_interval_secs:
@@ -459,7 +495,7 @@ class BasicTrainer:
         weighted so that the loss and gradient are the micro-batch's mean), then clipping, the
         step and the LR schedule."""
         self.policy.train()
-        metrics: dict[str, list] = defaultdict(list)
+        per_example: dict[str, list[torch.Tensor]] = defaultdict(list)
         n_micro = self.config.gradient_accumulation_steps
         tokens = torch.zeros(2, dtype=torch.long)  # real and padded tokens through the policy
         for micro in range(n_micro):
@@ -469,16 +505,17 @@ class BasicTrainer:
                 loss, group_metrics = self.get_batch_metrics(group, self.config.loss, train=True)
                 (loss * rows / len(local_micro["chosen_input_ids"]) / n_micro).backward()
                 for k, v in group_metrics.items():
-                    metrics[k].extend(v)
-        metrics["grad_norm"].append(self.clip_gradient())
-        real, padded = self.dist.gather(tokens.to(self.device)).view(-1, 2).sum(0).tolist()
-        metrics["tokens/real"].append(real)
-        metrics["tokens/padded"].append(padded)
+                    per_example[k].append(v)
+        grad_norm = self.clip_gradient()
         self.checkpointer.before_update()  # a background save may still be copying what the step changes
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
-        return metrics
+        # after the update is queued: the host waits for the device here, once, not per micro-batch
+        metrics, per_process = gather_metrics(self.dist, per_example, {"tokens": tokens, "grad_norm": grad_norm})
+        real, padded = per_process["tokens"].sum(0).tolist()
+        return {**metrics, "grad_norm": per_process["grad_norm"][0].tolist(), "tokens/real": [real],
+                "tokens/padded": [padded]}  # fmt: skip
 
     # ---------------------------------------------------------------------------------------
     # logging
