@@ -9,8 +9,9 @@ loading it back, and the raw durable write bandwidth of the same disk
     .venv/bin/python benchmarks/checkpoint_io.py --models tiny --repeats 9 --dir /path/on/the/disk --json out.json
 
 Model weights and an RMSprop state (one step taken), one process. Medians of --repeats,
-alternated between the variants; os.sync() before each durable write so that none pays for the
-dirty pages of another.
+alternated between the variants. Before each durable write the disk and the memory are put in the
+same state (`settle`) so that no variant pays for another's dirty pages or for memory the VM has
+given back to its host.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def checkpointer(run: Path, model, optimizer, scheduler, async_save: bool) -> Ch
 
 def raw_payload(n_bytes: int) -> memoryview:
     """n_bytes of distinct random data (a block written over and over is not what a checkpoint
-    is, and some disks and VMs treat it differently)."""
-    return memoryview(torch.randn((n_bytes + 3) // 4).numpy().tobytes()[:n_bytes])
+    is, and some disks and VMs treat it differently), without a copy."""
+    return memoryview(torch.randn((n_bytes + 3) // 4).numpy()).cast("B")[:n_bytes]
 
 
 def raw_write(path: Path, data: memoryview) -> None:
@@ -83,6 +84,25 @@ def raw_write(path: Path, data: memoryview) -> None:
         os.fsync(f.fileno())
 
 
+def settle(scratch: Path, payload: memoryview) -> None:
+    """The same start for every durable write: no dirty pages of the previous one, and as much
+    page cache just released as the write will fill. On this sandboxed VM, filling page cache
+    that was not just released costs the host's page faults, which dominate the write:
+    measured (950 MiB, 124M config) 0.18 s to copy into just-released page cache, 1.4-2.5 s into
+    other memory (even just-freed anonymous memory), the fsync after it 0.4 s either way; so a
+    write that happened to follow an unlink looked 3-5x faster than one that did not. The
+    scratch file is never written back: it is unlinked before anything asks for it."""
+    with open(scratch, "wb") as f:
+        for start in range(0, len(payload), 1 << 24):
+            f.write(payload[start : start + (1 << 24)])
+    scratch.unlink()
+    os.sync()
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
 def measure(name: str, root: Path, repeats: int) -> dict:
     model, optimizer, scheduler = build(name)
     sync_ck = checkpointer(root / "sync", model, optimizer, scheduler, async_save=False)
@@ -90,6 +110,8 @@ def measure(name: str, root: Path, repeats: int) -> dict:
     times: dict[str, list[float]] = {
         k: [] for k in ("reference", "sync", "async blocked", "async write", "step alone", "step beside", "load", "raw")
     }
+    size = checkpoint_bytes(sync_ck.save(0))  # unmeasured: how many bytes a save writes
+    payload = raw_payload(size)
     for i in range(repeats):
         out = root / f"plain-{i}"
         out.mkdir()
@@ -100,11 +122,10 @@ def measure(name: str, root: Path, repeats: int) -> dict:
         times["reference"].append(time.perf_counter() - t0)
         shutil.rmtree(out)
 
-        os.sync()  # each measurement starts with no dirty pages of the one before
+        settle(root / "scratch", payload)
         t0 = time.perf_counter()
         target = sync_ck.save(i + 1)
         times["sync"].append(time.perf_counter() - t0)
-        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
 
         t0 = time.perf_counter()
         next_step(model)
@@ -112,7 +133,7 @@ def measure(name: str, root: Path, repeats: int) -> dict:
 
         # the loop as it runs: save(), the next batch's forward and backward while parameters and
         # optimizer state are copied in the background, then before_update() before the step
-        os.sync()  # each measurement starts with no dirty pages of the one before
+        settle(root / "scratch", payload)
         t0 = time.perf_counter()
         async_ck.save(i + 1)
         blocked = time.perf_counter() - t0
@@ -130,8 +151,7 @@ def measure(name: str, root: Path, repeats: int) -> dict:
             load_payload(target / filename)
         times["load"].append(time.perf_counter() - t0)
 
-        payload = raw_payload(size)  # made before the clock starts
-        os.sync()  # each measurement starts with no dirty pages of the one before
+        settle(root / "scratch", payload)
         t0 = time.perf_counter()
         raw_write(root / f"raw-{i}", payload)
         times["raw"].append(time.perf_counter() - t0)
