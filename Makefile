@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/checkpoint_io.py --json runs/bench/checkpoint_io.json
 	$(PY) benchmarks/peers.py --json runs/bench/peers.json
 	$(PY) benchmarks/compile.py --json runs/bench/compile.json
+	$(PY) benchmarks/distributed.py --json runs/bench/distributed.json
 	@if [ -n "$$DPO_REFERENCE_DIR" ]; then $(PY) benchmarks/reference.py --json runs/bench/reference.json; \
 	else echo "benchmarks/reference.py skipped: set DPO_REFERENCE_DIR to a checkout of the DPO reference repository"; fi
 

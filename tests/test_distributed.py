@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import assert_no_further_from_exact, metrics_log, run_cli
 
@@ -193,7 +194,8 @@ def test_dpo_losses_match_one_process(dpo_full, dpo_one):
 
 
 def test_sharded_checkpoints_consolidate_to_the_full_ones(dpo_full, dpo_sharded, tmp_path):
-    """The same job saved both ways: consolidating the shards gives the full files' bits."""
+    """The same job saved both ways: consolidating the shards gives the full files' bits (tied
+    weights stored once in both)."""
     for name in ("step-16", "LATEST"):
         manifest = json.loads((dpo_sharded / name / "manifest.json").read_text())
         assert manifest["layout"] == "sharded"
@@ -204,6 +206,11 @@ def test_sharded_checkpoints_consolidate_to_the_full_ones(dpo_full, dpo_sharded,
         result = run_cli_cpu("ckpt", "consolidate", str(dpo_sharded / name), str(out))
         assert result.returncode == 0, result.stderr
         assert_bitwise_equal(policy(out, "."), policy(dpo_full, name))
+        # the tied embedding is stored once, and is one tensor again in policy.pt, as in the full file
+        stored = FileSystemReader(str(dpo_sharded / name / "sharded")).read_metadata().state_dict_metadata
+        assert "model.transformer.wte.weight" in stored and "model.lm_head.weight" not in stored
+        consolidated = policy(out, ".")
+        assert consolidated["lm_head.weight"].data_ptr() == consolidated["transformer.wte.weight"].data_ptr()
         full_optim = torch.load(dpo_full / name / "optimizer.pt", weights_only=True)["state"]
         cons_optim = torch.load(out / "optimizer.pt", weights_only=True)["state"]
         assert full_optim["state"].keys() == cons_optim["state"].keys()
