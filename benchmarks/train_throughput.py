@@ -119,6 +119,30 @@ def timed_run_args(model: str, w: dict, device: str) -> list[str]:
             f"device={device}", "exp_name=bench", "warmup_steps=10", "lr=1e-5"]  # fmt: skip
 
 
+def collation_ms(w: dict, loss: str, n_batches: int = 40) -> float:
+    """Host milliseconds to collate one training batch of the workload (median): work the loop
+    does between one step's end and the next step's first forward, when a GPU has nothing queued
+    (why there is no prefetch thread: it is small against a step)."""
+    import contextlib
+    import io
+
+    from dpokit.data import BatchIterator, load_examples
+    from dpokit.models import load_tokenizer
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the data notes are the runs' to print
+        batches = BatchIterator(
+            load_examples(["hh_sample"], "test"), load_tokenizer("tiny"), batch_size=w["batch_size"],
+            max_length=w["max_length"], max_prompt_length=w["max_prompt_length"], sft_mode=loss == "sft",
+            n_examples=w["batch_size"] * n_batches,
+        )  # fmt: skip
+    times, it = [], iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        if next(it, None) is None:
+            return 1000 * statistics.median(times)
+        times.append(time.perf_counter() - t0)
+
+
 def run_once(args: list[str], root: Path) -> dict:
     run_dir = root / f"run-{time.monotonic_ns()}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -169,12 +193,15 @@ def main() -> None:
                 for name, extra in variants.items():
                     runs[name].append(run_once([*common, *loss_args, *extra], root))
             base = statistics.median(r["examples_per_second"] for r in runs["baseline"])
+            collate = collation_ms(w, loss)
             print(f"\n{workload} workload, {loss.upper()}: {n_params / 1e6:.1f}M parameters, batch {w['batch_size']}, "
                   f"max_length {w['max_length']}, {w['n_examples']} examples, {args.repeats} repeats (medians); "
                   f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+            print(f"  collating a batch on the host: {collate:.1f} ms, "
+                  f"{100 * collate / 1000 / (w['batch_size'] / base):.1f}% of a baseline step")  # fmt: skip
             print(f"  {'variant':56s}{'ex/s':>8s}{'x base':>8s}{'real tok/s':>12s}{'padded tok/s':>14s}"
                   f"{'process s':>11s}{'peak RSS':>10s}{'MFU':>7s}")  # fmt: skip
-            report[loss] = {}
+            report[loss] = {"collate_ms": collate}
             for name, rs in runs.items():
                 med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                 reference_forward = loss == "dpo" and "precompute" not in name
