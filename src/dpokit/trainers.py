@@ -87,7 +87,8 @@ def gather_metrics(
     """Metrics of every process on the host, through one collective and one copy from the device.
 
     per_example: 1-D tensors, one value per example (the same number of examples on every
-    process), in pieces (micro-batches, length groups, eval batches) that are concatenated;
+    process), in pieces (micro-batches, length groups, eval batches) that are concatenated, on
+    the device or the CPU;
     they come back as lists of floats, process by process. per_process: one process's values
     (token counts, the gradient norm) that come back as a (processes, values) tensor. Gathering
     each piece as it is computed would make the host wait for the device once per forward, and
@@ -96,7 +97,7 @@ def gather_metrics(
     per_process = per_process or {}
     device = dist.device
     names = list(per_example)
-    columns = [torch.cat(per_example[k]).double() for k in names]
+    columns = [torch.cat([to_device(piece, device) for piece in per_example[k]]).double() for k in names]
     n_rows = len(columns[0]) if columns else 0
     local = torch.cat([
         torch.stack(columns, 1).flatten() if columns else torch.zeros(0, dtype=torch.float64, device=device),
@@ -329,13 +330,17 @@ class BasicTrainer:
             assert self.reference_model is not None
             size = cfg.eval_batch_size
             batches = every_item(iterator, size, only=missing)
+            found: dict[str, list[torch.Tensor]] = defaultdict(list)
             for batch in progress.bar(batches, total=-(-len(missing) // size), desc=f"Reference log-probs ({split})",
                                       enabled=self.rank == 0):  # fmt: skip
                 local = slice_batch(batch, self.rank, self.world_size)
                 with torch.no_grad():
                     chosen, rejected = self.concatenated_forward(self.reference_model, local)
-                index = self.dist.gather(to_device(local["item_index"], self.device)).cpu()
-                table[index] = torch.stack([self.dist.gather(chosen), self.dist.gather(rejected)], 1).float().cpu()
+                for k, v in (("index", local["item_index"]), ("chosen", chosen), ("rejected", rejected)):
+                    found[k].append(v)
+            every, _ = gather_metrics(self.dist, found)  # item indices are exact in float64
+            index = torch.tensor(every["index"], dtype=torch.long)
+            table[index] = torch.tensor([every["chosen"], every["rejected"]]).T.float()
             computed += len(missing)
         if computed == 0:
             self.print(f"reference log-probs from {path}")
