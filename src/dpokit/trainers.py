@@ -87,12 +87,12 @@ def gather_metrics(
     """Metrics of every process on the host, through one collective and one copy from the device.
 
     per_example: 1-D tensors, one value per example (the same number of examples on every
-    process), in pieces (micro-batches, length groups, eval batches) that are concatenated, on
-    the device or the CPU;
-    they come back as lists of floats, process by process. per_process: one process's values
-    (token counts, the gradient norm) that come back as a (processes, values) tensor. Gathering
-    each piece as it is computed would make the host wait for the device once per forward, and
-    before the backward is queued; this way it waits once, at the end.
+    process), in pieces (micro-batches, length groups, eval batches; on the device or the CPU)
+    that are concatenated; they come back as lists of floats, process by process. per_process:
+    one process's values (token counts, the gradient norm) that come back as a (processes,
+    values) tensor. Gathering each piece as it is computed would make the host wait for the
+    device once per forward, and before the backward is queued; this way it waits once, at the
+    end.
     """
     per_process = per_process or {}
     device = dist.device
