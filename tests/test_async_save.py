@@ -91,3 +91,41 @@ def _tensors(state, path: str = "") -> dict[str, torch.Tensor]:
     if isinstance(state, (list, tuple)):
         return {k: v for i, value in enumerate(state) for k, v in _tensors(value, f"{path}/{i}").items()}
     return {}
+
+
+class _GatheringProcess(SingleProcess):
+    """Collects the full state into new CPU memory, as FSDP's gather does on rank 0."""
+
+    def full_state_dict(self, model):
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    def full_optimizer_state_dict(self, model, optimizer):
+        state = optimizer.state_dict()
+        return {**state, "state": {i: {k: v.clone() for k, v in s.items()} for i, s in state["state"].items()}}
+
+
+@pytest.mark.parametrize("dist", [SingleProcess(), _GatheringProcess()], ids=["live", "gathered"])
+def test_a_background_save_copies_only_what_training_changes(tmp_path, dist):
+    """The model's and optimizer's own tensors are snapshotted (the next step changes them); a
+    full state gathered into new memory is the save's own and is written as it is: a snapshot
+    of it would be a second copy of the whole state on rank 0. Either way the files hold the
+    state of the step the save was asked for."""
+    model, optimizer, scheduler = _tiny_training_state()
+    ck = Checkpointer(
+        tmp_path, CheckpointSettings(async_save=True), policy=model, optimizer=optimizer, scheduler=scheduler,
+        trainer_state=lambda: {"example_counter": 8, "rng": torch.get_rng_state()}, dist=dist, log=lambda _m: None,
+    )  # fmt: skip
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    target = ck.save(8)
+    ck.before_update()
+    with torch.no_grad():  # what optimizer.step() would do
+        for p in model.parameters():
+            p.add_(1.0)
+    ck.wait()
+    saved = load_payload(target / "policy.pt")["state"]
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], v) for k, v in expected.items())
+    snapshotted = {path.split("/")[1] for path in ck._buffers}
+    if isinstance(dist, _GatheringProcess):
+        assert snapshotted == set()  # the rng state too is a new tensor
+    else:
+        assert snapshotted == {"policy.pt", "optimizer.pt"}

@@ -143,6 +143,13 @@ def dpo_sharded_async(root) -> Path:
 
 
 @pytest.fixture(scope="module")
+def dpo_full_async(root) -> Path:
+    run = root / "dpo_full_async"
+    torchrun(*DPO, "exp_name=dpo", f"local_run_dir={run}", "checkpoint.async=true")
+    return run
+
+
+@pytest.fixture(scope="module")
 def dpo_one(root) -> Path:
     return Path(one_process(*DPO, "exp_name=dpo1", f"local_run_dir={root / 'dpo_one'}")["run_dir"])
 
@@ -244,6 +251,22 @@ def test_background_sharded_saves_consolidate_to_the_synchronous_full_ones(dpo_f
     assert len(stalls) == len(saved) and all(s >= 0 for s in stalls)
     verify = run_cli_cpu("ckpt", "verify", str(dpo_sharded_async))
     assert verify.returncode == 0 and verify.stdout.count("OK ") == len(saved), verify.stdout
+
+
+@pytest.mark.exact_on_cpu("two CUDA runs of the same training need not repeat bit for bit")
+def test_background_full_saves_equal_the_synchronous_ones(dpo_full, dpo_full_async):
+    """The full state is gathered onto rank 0 collectively, then written from its thread as it is
+    (it is the save's own memory: no second copy); every file has the synchronous save's bits."""
+    saved = sorted(p.name for p in dpo_full_async.iterdir() if p.name.startswith("step-") or p.name == "LATEST")
+    assert saved == sorted(p.name for p in dpo_full.iterdir() if p.name.startswith("step-") or p.name == "LATEST")
+    for name in saved:
+        assert_bitwise_equal(policy(dpo_full_async, name), policy(dpo_full, name))
+        background = torch.load(dpo_full_async / name / "optimizer.pt", weights_only=True)["state"]
+        synchronous = torch.load(dpo_full / name / "optimizer.pt", weights_only=True)["state"]
+        assert background["param_groups"] == synchronous["param_groups"]
+        assert background["state"].keys() == synchronous["state"].keys()
+        for param, entry in synchronous["state"].items():
+            assert_bitwise_equal(background["state"][param], entry)
 
 
 def test_verify_checks_every_shard(dpo_sharded, tmp_path):
