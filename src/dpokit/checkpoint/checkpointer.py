@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -282,7 +281,10 @@ class Checkpointer:
         if self.dist.is_main:
             live = {b.data_ptr() for b in self.policy.buffers()}  # forward may change these (e.g. BatchNorm)
             pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-            snapshot = self._snapshot(files, pending, copy_now=lambda t: t.data_ptr() in live, own=self._owned(files))
+            written = self._training_storages()
+            # a CPU tensor no training state shares (FSDP's gathered full state, RNG states) is the save's own
+            snapshot = self._snapshot(files, pending, copy_now=lambda t: t.data_ptr() in live,
+                                      keep=lambda t: t.device.type == "cpu" and _storage(t) not in written)  # fmt: skip
             del files
             self._start_background(target, step, pending, start, lambda: self._publish(target, step, metrics, snapshot))
         return target
@@ -338,17 +340,12 @@ class Checkpointer:
             self._copied.wait()
             self._fence_seconds += time.perf_counter() - start
 
-    def _owned(self, files: dict[str, Any]) -> set[tuple]:
-        """Storages of collected CPU tensors that training never writes: FSDP's full state,
-        gathered into new memory, and RNG states are the save's own already, and a snapshot of
-        them would be a second copy of the whole state (on rank 0, beside the gathered one)."""
+    def _training_storages(self) -> set[tuple]:
+        """Where training writes in place: parameters, module buffers, optimizer state."""
         training = [*self.policy.parameters(), *self.policy.buffers()]
         for values in [*self.optimizer.state.values(), *self.optimizer.param_groups]:
             training += [v for v in values.values() if isinstance(v, torch.Tensor)]
-        written = {_storage(t) for t in training}
-        collected: list[torch.Tensor] = []
-        _tensors(files, collected)
-        return {key for t in collected if t.device.type == "cpu" and (key := _storage(t)) not in written}
+        return {_storage(t) for t in training}
 
     def _snapshot(
         self,
@@ -357,19 +354,20 @@ class Checkpointer:
         copy_now: Callable[[torch.Tensor], bool],
         path: str = "",
         seen: dict[tuple, torch.Tensor] | None = None,
-        own: AbstractSet[tuple] = frozenset(),
+        keep: Callable[[torch.Tensor], bool] = lambda t: False,
     ) -> Any:
         """`state` with every tensor replaced by a buffer kept from one save to the next (pinned
         on CUDA, so the copy does not wait for the GPU) and every other value copied. Tensors for
         which copy_now is true are copied here; the others are appended to `pending` as (buffer,
         source) for the background thread. Entries that are one tensor (tied weights) get one
-        buffer, so the file keeps them one tensor, as a synchronous save does. Tensors whose
-        storage is in `own` (`_owned`) are kept as they are."""
+        buffer, so the file keeps them one tensor, as a synchronous save does. Tensors for which
+        keep is true are the save's own already and stay as they are: with FSDP, the full state
+        gathered on rank 0, which a snapshot would copy a second time."""
         seen = {} if seen is None else seen
         if isinstance(state, DTensor):
             return self._snapshot_dtensor(state, pending, copy_now, path)
         if isinstance(state, torch.Tensor):
-            if _storage(state) in own:
+            if keep(state):
                 return state
             same = (state.data_ptr(), state.device, state.dtype, tuple(state.shape), state.stride())
             if same in seen:
@@ -386,11 +384,11 @@ class Checkpointer:
             return buffer
         if isinstance(state, dict):
             return type(state)(
-                (k, self._snapshot(v, pending, copy_now, f"{path}/{k}", seen, own)) for k, v in state.items()
+                (k, self._snapshot(v, pending, copy_now, f"{path}/{k}", seen, keep)) for k, v in state.items()
             )
         if isinstance(state, (list, tuple)):
             return type(state)(
-                self._snapshot(v, pending, copy_now, f"{path}/{i}", seen, own) for i, v in enumerate(state)
+                self._snapshot(v, pending, copy_now, f"{path}/{i}", seen, keep) for i, v in enumerate(state)
             )
         return copy.deepcopy(state)
 
@@ -568,17 +566,6 @@ def rewrite_file(
 def _storage(tensor: torch.Tensor) -> tuple:
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     return local.device, local.untyped_storage().data_ptr()
-
-
-def _tensors(state: Any, into: list[torch.Tensor]) -> None:
-    if isinstance(state, torch.Tensor):
-        into.append(state)
-    elif isinstance(state, dict):
-        for v in state.values():
-            _tensors(v, into)
-    elif isinstance(state, (list, tuple)):
-        for v in state:
-            _tensors(v, into)
 
 
 def _failed(target: Path, err: CheckpointError) -> str:
