@@ -200,7 +200,7 @@ class Checkpointer:
         # Every process writes its own part into one staging directory whose name the main
         # process chooses; the manifest (with every process's file records) is written last.
         staging = self._stage_shared(target)
-        state = self.dist.sharded_state_dict(self.policy, self.optimizer if self.settings.save_optimizer else None)
+        state = self._sharded_state()
         mine, error = self._write_shards(target, staging, state)
         layout = self._sharded_layout(state)
         error = self._seal_shards(target, step, metrics, staging, mine, error, self._small_files(), layout)
@@ -279,11 +279,10 @@ class Checkpointer:
         start = time.perf_counter()
         files = self._collect()  # collective: every process takes part
         if self.dist.is_main:
-            live = {b.data_ptr() for b in self.policy.buffers()}  # forward may change these (e.g. BatchNorm)
             pending: list[tuple[torch.Tensor, torch.Tensor]] = []
             written = self._training_storages()
             # a CPU tensor no training state shares (FSDP's gathered full state, RNG states) is the save's own
-            snapshot = self._snapshot(files, pending, copy_now=lambda t: t.data_ptr() in live,
+            snapshot = self._snapshot(files, pending, copy_now=self._changed_by_forward(),
                                       keep=lambda t: t.device.type == "cpu" and _storage(t) not in written)  # fmt: skip
             del files
             self._start_background(target, step, pending, start, lambda: self._publish(target, step, metrics, snapshot))
@@ -298,11 +297,10 @@ class Checkpointer:
         start = time.perf_counter()
         group = self.dist.checkpoint_group()  # collective on first use
         staging = self._stage_shared(target)  # collective
-        state = self.dist.sharded_state_dict(self.policy, self.optimizer if self.settings.save_optimizer else None)
+        state = self._sharded_state()
         layout = self._sharded_layout(state)
-        live = {b.data_ptr() for b in self.policy.buffers()}  # forward may change these (e.g. BatchNorm)
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        snapshot = self._snapshot(state, pending, copy_now=lambda t: t.data_ptr() in live, path="/sharded")
+        snapshot = self._snapshot(state, pending, copy_now=self._changed_by_forward(), path="/sharded")
         files = self._snapshot(self._small_files(), pending, copy_now=lambda t: True, path="/files")
         del state
 
@@ -339,6 +337,15 @@ class Checkpointer:
             start = time.perf_counter()
             self._copied.wait()
             self._fence_seconds += time.perf_counter() - start
+
+    def _sharded_state(self) -> dict:
+        return self.dist.sharded_state_dict(self.policy, self.optimizer if self.settings.save_optimizer else None)
+
+    def _changed_by_forward(self) -> Callable[[torch.Tensor], bool]:
+        """Whether a tensor is a module buffer, which the next forward may change (e.g. BatchNorm's
+        statistics), so a snapshot must copy it at once rather than in the background."""
+        live = {b.data_ptr() for b in self.policy.buffers()}
+        return lambda t: t.data_ptr() in live
 
     def _training_storages(self) -> set[tuple]:
         """Where training writes in place: parameters, module buffers, optimizer state."""
