@@ -175,6 +175,21 @@ def test_batches_reach_cuda_through_pinned_non_blocking_copies_intact():
         assert torch.equal(labels.cpu(), batch["labels"][part * 4 : (part + 1) * 4])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak CUDA memory is logged on CUDA")
+def test_each_step_logs_the_peak_cuda_memory_it_has_needed(train):
+    """The allocator's peaks since the start: at least the policy's float32 weights, gradients and
+    RMSprop state (3 copies), never more allocated than reserved, and never falling."""
+    from dpokit.models import load_model
+
+    weights = sum(p.numel() * 4 for p in load_model("tiny").parameters()) / 2**30
+    summary = train("loss=sft", "batch_size=4", "n_examples=12", "eval_every=100", "device=cuda")
+    allocated = [v for _, v in sorted(steps(summary, "memory/cuda_peak_allocated_gib").items())]
+    reserved = [v for _, v in sorted(steps(summary, "memory/cuda_peak_reserved_gib").items())]
+    assert len(allocated) == len(reserved) == 3
+    assert allocated == sorted(allocated) and allocated[0] >= 3 * weights
+    assert all(a <= r for a, r in zip(allocated, reserved, strict=True))
+
+
 def test_a_step_and_an_evaluation_each_bring_their_metrics_to_the_host_in_one_gather(train, monkeypatch):
     """On CUDA a gather ends in a copy to the host, which waits for the device: one per length
     group would stop the host before each backward is queued. Two steps of 2 micro-batches x 2
@@ -190,7 +205,8 @@ def test_a_step_and_an_evaluation_each_bring_their_metrics_to_the_host_in_one_ga
     )
     summary = train("loss=dpo", "loss.beta=0.1", "batch_size=4", "gradient_accumulation_steps=2", "length_groups=2",
                     "n_examples=8", "eval_every=8")  # fmt: skip
-    assert sizes == [8 * 7, 4 * 7 + 3, 4 * 7 + 3, 8 * 7]
+    own = 3 + (2 if torch.cuda.is_available() else 0)  # 2 token counts, the norm (and 2 memory peaks on CUDA)
+    assert sizes == [8 * 7, 4 * 7 + own, 4 * 7 + own, 8 * 7]
     assert sorted(steps(summary, "tokens/real")) == [4, 8] and len(steps(summary, "loss/eval")) == 2
 
 

@@ -113,6 +113,19 @@ def gather_metrics(
     return gathered, by_process
 
 
+def cuda_memory(device: torch.device) -> dict[str, torch.Tensor]:
+    """On CUDA, the most memory this process's tensors have taken since the trainer started, and
+    the most the caching allocator has held (GiB): how close the run has come to running out.
+    Read from the allocator's counters on the host: no wait for the device."""
+    if device.type != "cuda":
+        return {}
+    gib = 2.0**30
+    return {
+        "memory/cuda_peak_allocated_gib": torch.tensor([torch.cuda.max_memory_allocated(device) / gib]),
+        "memory/cuda_peak_reserved_gib": torch.tensor([torch.cuda.max_memory_reserved(device) / gib]),
+    }
+
+
 def rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     state = {
@@ -165,6 +178,8 @@ class BasicTrainer:
         self.config, self.seed, self.run_dir = config, seed, run_dir
         self.dist = self.make_distribution(config, rank, world_size)
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
+        if self.device.type == "cuda":  # the peaks logged are this run's (another may have run in this process)
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.is_preference = config.loss.name in PREFERENCE_LOSSES
         cache_dir = cache_dir_for(list(config.local_dirs))
         if tokenizer is None:
@@ -516,11 +531,13 @@ class BasicTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
+        own = {"tokens": tokens, "grad_norm": grad_norm, **cuda_memory(self.device)}
         # after the update is queued: the host waits for the device here, once, not per micro-batch
-        metrics, per_process = gather_metrics(self.dist, per_example, {"tokens": tokens, "grad_norm": grad_norm})
-        real, padded = per_process["tokens"].sum(0).tolist()
-        return {**metrics, "grad_norm": per_process["grad_norm"][0].tolist(), "tokens/real": [real],
-                "tokens/padded": [padded]}  # fmt: skip
+        metrics, per_process = gather_metrics(self.dist, per_example, own)
+        real, padded = per_process.pop("tokens").sum(0).tolist()
+        out = {**metrics, "grad_norm": per_process.pop("grad_norm")[0].tolist(), "tokens/real": [real],
+               "tokens/padded": [padded]}  # fmt: skip
+        return out | {k: [v.max().item()] for k, v in per_process.items()}  # memory: the fullest process's
 
     # ---------------------------------------------------------------------------------------
     # logging
