@@ -69,11 +69,23 @@ VARIANTS = {
     "dpokit, precompute + length_groups=4 + length_grouped": [
         "final_eval=false", "precompute_ref_log_probs=true", "length_groups=4", "sampler=length_grouped"],
 }  # fmt: skip
+GPU_VARIANTS = {  # levers that act on CUDA only
+    "dpokit, same work, tf32=false": ["final_eval=false", "tf32=false"],
+    "dpokit, bf16 + precompute + length_groups=4 + length_grouped": [
+        "final_eval=false", "mixed_precision=bf16", "precompute_ref_log_probs=true", "length_groups=4",
+        "sampler=length_grouped"],
+}  # fmt: skip
 STATS = re.compile(r"^train stats after (\d+) examples: (\{.*\})$", re.M)
 
 
-def reference_python(venv: Path) -> Path:
-    """The reference's virtualenv's python, created on first use."""
+def reference_python(venv: Path, given: str | None) -> Path:
+    """The reference's python: `given` (an interpreter that has hydra, datasets and transformers,
+    e.g. on a machine without internet), or the virtualenv's, created on first use."""
+    if given is not None:
+        check = [given, "-c", "import hydra, datasets, transformers"]
+        if subprocess.run(check, capture_output=True).returncode != 0:
+            raise SystemExit(f"--python {given}: cannot import hydra, datasets and transformers")
+        return Path(given)
     python = venv / "bin" / "python"
     check = [str(python), "-c", "import hydra, wandb, tensor_parallel, bs4, datasets, transformers"]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
@@ -151,8 +163,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-dir", default=os.environ.get("DPO_REFERENCE_DIR"))
     parser.add_argument("--venv", default=str(REPO / ".venv-reference"), help="the reference's virtualenv")
+    parser.add_argument("--python", default=None, help="run the reference with this interpreter instead of --venv's")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workload", choices=["cpu", "gpu", "auto"], default="auto")
+    parser.add_argument(
+        "--variants", default=None, help="dpokit variants to run, by name, separated by ';' (default: all)"
+    )
+    parser.add_argument("--n-examples", type=int, default=None, help="instead of the workload's (a shorter check)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     reference = Path(args.reference_dir or "")
@@ -160,12 +177,18 @@ def main() -> None:
         raise SystemExit("benchmarks/reference.py needs a checkout of the DPO reference repository: "
                          "--reference-dir DIR (or DPO_REFERENCE_DIR) with its train.py and trainers.py")  # fmt: skip
     workload = args.workload if args.workload != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    w = WORKLOADS[workload]
-    python = reference_python(Path(args.venv))
+    w = {**WORKLOADS[workload], **({"n_examples": args.n_examples} if args.n_examples else {})}
+    variants = {**VARIANTS, **(GPU_VARIANTS if workload == "gpu" else {})}
+    if args.variants:
+        unknown = [v for v in args.variants.split(";") if v not in variants]
+        if unknown:
+            raise SystemExit(f"--variants: no {unknown}; there are {list(variants)}")
+        variants = {v: variants[v] for v in args.variants.split(";")}
+    python = reference_python(Path(args.venv), args.python)
     report: dict = {"workload": workload, "settings": w,
                     "dpokit_env": versions(sys.executable, ["dpokit", "torch", "transformers", "datasets"]),
                     "reference_env": versions(python, ["torch", "transformers", "datasets", "hydra-core"])}  # fmt: skip
-    names = ["reference", *VARIANTS]
+    names = ["reference", *variants]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         root = Path(tmp).resolve()
@@ -177,7 +200,7 @@ def main() -> None:
                     cmd = [str(python), str(HERE / "reference_shim.py"), str(reference), str(hh), *common,
                            "datasets=[hh]"]  # fmt: skip
                 else:
-                    cmd = [str(BIN / "dpokit"), "train", *common, f"datasets=[hh:{hh}]", *VARIANTS[name]]
+                    cmd = [str(BIN / "dpokit"), "train", *common, f"datasets=[hh:{hh}]", *variants[name]]
                 runs[name].append(run(cmd, root, w))
     print(f"\nDPO from an SFT archive, {workload}: {w['model']}, batch {w['batch_size']}, max_length {w['max_length']}, "
           f"{w['n_examples']} pairs, first eval on 256 pairs, {args.repeats} alternated repeats (medians)")  # fmt: skip

@@ -8,16 +8,42 @@ on a GPU machine with internet, both outside the timed training loop's arithmeti
 schema) instead of the hub, and without CUDA the BasicTrainer's batches go to the CPU (it moves
 them to device `rank`, i.e. cuda:0) and the models load without `device_map`. And the reference
 seeds `random` with numpy integers, which Python 3.11 refuses (3.8-3.10 hashed them, which for
-these values is the integer itself): they are passed as Python ints.
+these values is the integer itself): they are passed as Python ints. On a machine without wandb,
+tensor_parallel or bs4 (a GPU machine without internet, say), a stand-in module takes the place
+of each: the reference imports them but calls them only with wandb enabled, under
+TensorParallelTrainer or for the SE dataset, none of which these runs use.
 """
 
 from __future__ import annotations
 
+import importlib
 import numbers
 import random
 import runpy
 import sys
+import types
 from pathlib import Path
+
+
+def stand_in_if_missing(name: str) -> None:
+    """An installed module stays; a missing one becomes a module whose every name fails when used."""
+    try:
+        importlib.import_module(name)
+        return
+    except ImportError:
+        pass
+
+    def missing(*args, **kwargs):
+        raise RuntimeError(f"{name} is not installed here (reference_shim stood in for it)")
+
+    def attribute(attr: str):
+        if attr.startswith("__"):  # what introspection asks (__file__, __path__, ...): absent, as usual
+            raise AttributeError(attr)
+        return missing
+
+    module = types.ModuleType(name)
+    module.__getattr__ = attribute  # type: ignore[method-assign]
+    sys.modules[name] = module
 
 
 def main() -> None:
@@ -38,6 +64,8 @@ def main() -> None:
         return hub_load(path, *args, split=split, **kwargs)
 
     datasets.load_dataset = load_dataset
+    for name in ("wandb", "tensor_parallel", "bs4"):
+        stand_in_if_missing(name)
     sys.path.insert(0, str(reference_dir))
     if not torch.cuda.is_available():
         import trainers  # the reference's module

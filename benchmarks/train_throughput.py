@@ -6,12 +6,16 @@
 Workloads: (a) CPU: the bundled tiny model and HH data, batch 8, max_length 256,
 max_prompt_length 128, 512 examples; (b) when CUDA is present: a GPT-2-small-shaped model (12
 layers, 768 wide) built from a config with the bundled tokenizer, batch 32, max_length 512, 2048
-examples. No evaluation and no checkpoints inside the timed part (debug=true, no first or final
-eval). Each variant runs --repeats times, alternated with the others. Printed per variant:
-median examples/s per step (first step excluded), real (non-pad) and padded tokens/s through the
-policy, the whole process's wall time, its peak RSS (and peak CUDA memory), and model FLOP
-utilisation: 6 x parameters x real tokens (+ 2 x parameters x tokens for the reference forward
-when it runs), attention excluded, against a matmul peak measured in this run on this device.
+examples. The reference model is float32 on CPU and float16 (both tools' default) on CUDA. No
+evaluation and no checkpoints inside the timed part (debug=true, no first or final eval). Each
+variant runs --repeats times, alternated with the others; on CUDA the variants also include
+tf32=false and all the levers together (bf16 autocast, precompute, length groups and sampler).
+Printed per variant: median examples/s per step (first step excluded), real (non-pad) and padded
+tokens/s through the policy, the whole process's wall time, its peak RSS (and on CUDA the peak
+memory its tensors took), and model FLOP utilisation: 6 x parameters x real tokens (+ 2 x
+parameters x tokens for the reference forward when it runs), attention excluded, against the
+matmul peak of the policy's precision (float32, TF32 or bfloat16) measured in this run on this
+device. --variants and --n-examples make a shorter check (e.g. on a borrowed GPU).
 """
 
 from __future__ import annotations
@@ -30,16 +34,14 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 
+# the reference model in float32 on CPU (float16 matmuls there are an emulation), in float16 on
+# CUDA: both tools' default
 WORKLOADS = {
-    "cpu": {"model": "tiny", "batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_examples": 512},
-    "gpu": {
-        "model": "gpt2-small-4k",
-        "batch_size": 32,
-        "max_length": 512,
-        "max_prompt_length": 256,
-        "n_examples": 2048,
-    },
-}
+    "cpu": {"model": "tiny", "batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_examples": 512,
+            "reference_dtype": "float32"},
+    "gpu": {"model": "gpt2-small-4k", "batch_size": 32, "max_length": 512, "max_prompt_length": 256,
+            "n_examples": 2048, "reference_dtype": "float16"},
+}  # fmt: skip
 VARIANTS = {
     "sft": {
         "baseline": [],
@@ -58,6 +60,15 @@ VARIANTS = {
         "bf16 autocast": ["mixed_precision=bf16"],
     },
 }  # fmt: skip
+# levers that act on CUDA only
+GPU_VARIANTS = {
+    "sft": {"tf32=false (full float32 matmuls)": ["tf32=false"]},
+    "dpo": {
+        "tf32=false (full float32 matmuls)": ["tf32=false"],
+        "bf16 + precompute + length_groups=4 + length_grouped sampler": [
+            "mixed_precision=bf16", "precompute_ref_log_probs=true", "length_groups=4", "sampler=length_grouped"],
+    },
+}  # fmt: skip
 
 
 def model_dir(name: str, root: Path) -> str:
@@ -74,22 +85,38 @@ def model_dir(name: str, root: Path) -> str:
     return str(out)
 
 
-def matmul_peak(device: str) -> float:
-    """FLOP/s of a large float32 matrix multiply on this device (the best of a few)."""
+def matmul_peaks(device: str) -> dict[str, float]:
+    """FLOP/s of a large matrix multiply on this device (the best of a few), in each precision the
+    policy's matmuls can run in: float32, TF32 (CUDA), bfloat16."""
     import torch
 
+    from dpokit.distributed import configure_tf32
+
     n = 2048 if device == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = 0.0
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
+    peaks = {}
+    for precision in ["float32", "bfloat16", *(["tf32"] if device == "cuda" else [])]:
+        configure_tf32(precision == "tf32")
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        best = 0.0
+        for _ in range(5):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+        peaks[precision] = best
+    configure_tf32(False)
+    return peaks
+
+
+def precision_of(extra: list[str], device: str) -> str:
+    """The precision of a variant's policy matmuls, whose peak its model FLOP utilisation is against."""
+    if "mixed_precision=bf16" in extra:
+        return "bfloat16"
+    return "tf32" if device == "cuda" and "tf32=false" not in extra else "float32"
 
 
 def timed_process(
@@ -111,7 +138,7 @@ def timed_process(
 
 def timed_run_args(model: str, w: dict, device: str) -> list[str]:
     """`dpokit train` settings of a timed run: the workload, no evaluation, no checkpoints."""
-    return [f"model.name_or_path={model}", "model.block_name=GPT2Block", "model.reference_dtype=float32",
+    return [f"model.name_or_path={model}", "model.block_name=GPT2Block", f"model.reference_dtype={w['reference_dtype']}",
             f"batch_size={w['batch_size']}", f"max_length={w['max_length']}",
             f"max_prompt_length={w['max_prompt_length']}", f"n_examples={w['n_examples']}",
             "eval_every=100000000", "do_first_eval=false", "final_eval=false", "sample_during_eval=false",
@@ -153,6 +180,7 @@ def run_once(args: list[str], root: Path) -> dict:
     steps = [r for r in records if "examples_per_second" in r][1:]  # the first step warms up
     shutil.rmtree(run_dir, ignore_errors=True)
     step_seconds = [r["counters/examples"] / r["counters/updates"] / r["examples_per_second"] for r in steps]
+    cuda_peak = max((r.get("memory/cuda_peak_allocated_gib", 0.0) for r in records), default=0.0)
     return {
         "examples_per_second": statistics.median(r["examples_per_second"] for r in steps),
         "real_tokens_per_second": statistics.median(r["tokens/real"] / t for r, t in zip(steps, step_seconds, strict=True)),
@@ -160,6 +188,7 @@ def run_once(args: list[str], root: Path) -> dict:
             r["tokens/padded"] / t for r, t in zip(steps, step_seconds, strict=True)),
         "process_seconds": wall,
         "peak_rss_mib": rss,
+        "peak_cuda_gib": cuda_peak,
     }  # fmt: skip
 
 
@@ -170,11 +199,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workload", choices=["cpu", "gpu", "auto"], default="auto")
     parser.add_argument("--losses", default="sft,dpo")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="variants to run besides the baseline, by name, separated by ';' (default: all)",
+    )
+    parser.add_argument("--n-examples", type=int, default=None, help="instead of the workload's (a shorter check)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     workload = args.workload if args.workload != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     device = "cuda" if workload == "gpu" else "cpu"
-    w = WORKLOADS[workload]
+    w = {**WORKLOADS[workload], **({"n_examples": args.n_examples} if args.n_examples else {})}
     report: dict = {"workload": workload, "settings": w}
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         root = Path(tmp)
@@ -182,12 +217,18 @@ def main() -> None:
         from dpokit.models import load_model
 
         n_params = sum(p.numel() for p in load_model(model).parameters())
-        peak = matmul_peak(device)
-        report.update(parameters=n_params, matmul_peak_flops=peak)
+        peaks = matmul_peaks(device)
+        report.update(parameters=n_params, matmul_peak_flops=peaks)
         common = timed_run_args(model, w, device)
         for loss in args.losses.split(","):
             loss_args = ["loss=sft"] if loss == "sft" else ["loss=dpo", "loss.beta=0.1"]
-            variants = VARIANTS[loss]
+            variants = {**VARIANTS[loss], **(GPU_VARIANTS[loss] if device == "cuda" else {})}
+            if args.variants:
+                wanted = ["baseline", *(v for v in args.variants.split(";") if v != "baseline")]
+                unknown = [v for v in wanted if v not in variants]
+                if unknown:
+                    raise SystemExit(f"--variants: no {unknown} for {loss}; there are {list(variants)}")
+                variants = {v: variants[v] for v in wanted}
             runs: dict[str, list[dict]] = {v: [] for v in variants}
             for _ in range(args.repeats):  # alternated, so that drift in the machine hits every variant alike
                 for name, extra in variants.items():
@@ -196,21 +237,23 @@ def main() -> None:
             collate = collation_ms(w, loss)
             print(f"\n{workload} workload, {loss.upper()}: {n_params / 1e6:.1f}M parameters, batch {w['batch_size']}, "
                   f"max_length {w['max_length']}, {w['n_examples']} examples, {args.repeats} repeats (medians); "
-                  f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+                  f"matmul peaks (GFLOP/s): {', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items())}")  # fmt: skip
             print(f"  collating a batch on the host: {collate:.1f} ms, "
                   f"{100 * collate / 1000 / (w['batch_size'] / base):.1f}% of a baseline step")  # fmt: skip
             print(f"  {'variant':56s}{'ex/s':>8s}{'x base':>8s}{'real tok/s':>12s}{'padded tok/s':>14s}"
-                  f"{'process s':>11s}{'peak RSS':>10s}{'MFU':>7s}")  # fmt: skip
+                  f"{'process s':>11s}{'peak RSS':>10s}{'MFU':>7s}"
+                  + (f"{'CUDA peak':>11s}" if device == "cuda" else ""))  # fmt: skip
             report[loss] = {"collate_ms": collate}
             for name, rs in runs.items():
                 med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                 reference_forward = loss == "dpo" and "precompute" not in name
                 flops = (6 + (2 if reference_forward else 0)) * n_params * med["real_tokens_per_second"]
-                med["mfu"] = flops / peak
+                med["mfu"] = flops / peaks[precision_of(variants[name], device)]
                 report[loss][name] = med
                 print(f"  {name:56s}{med['examples_per_second']:8.2f}{med['examples_per_second'] / base:8.2f}"
                       f"{med['real_tokens_per_second']:12.0f}{med['padded_tokens_per_second']:14.0f}"
-                      f"{med['process_seconds']:11.1f}{med['peak_rss_mib']:8.0f}Mi{100 * med['mfu']:6.1f}%")  # fmt: skip
+                      f"{med['process_seconds']:11.1f}{med['peak_rss_mib']:8.0f}Mi{100 * med['mfu']:6.1f}%"
+                      + (f"{med['peak_cuda_gib']:8.2f}GiB" if device == "cuda" else ""))  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
