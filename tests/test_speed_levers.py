@@ -210,6 +210,25 @@ def test_a_step_and_an_evaluation_each_bring_their_metrics_to_the_host_in_one_ga
     assert sorted(steps(summary, "tokens/real")) == [4, 8] and len(steps(summary, "loss/eval")) == 2
 
 
+def test_the_next_batch_is_collated_before_the_host_waits_for_the_step(train, monkeypatch):
+    """On CUDA the host waits for the device at a step's gather; the next batch is collated
+    before that, while the device computes, not after it while the device idles. Three steps
+    of 4 examples: C1 C2 G1 C3 G2 G3 (collations of training batches, the steps' gathers)."""
+    import dpokit.data
+    from dpokit.distributed import SingleProcess
+
+    events: list[str] = []
+    step_values = 4 * 2 + 3 + (2 if torch.cuda.is_available() else 0)  # SFT: 2 metrics per example, as above
+    collate, gather = dpokit.data.collate, SingleProcess.gather
+    monkeypatch.setattr(dpokit.data, "collate", lambda elements, pad: (
+        events.append("C") if len(elements) == 4 else None) or collate(elements, pad))  # fmt: skip
+    monkeypatch.setattr(SingleProcess, "gather", lambda self, values: (
+        events.append("G") if values.numel() == step_values else None) or gather(self, values))  # fmt: skip
+    summary = train("loss=sft", "batch_size=4", "n_examples=12", "eval_every=100", "do_first_eval=false")
+    assert events == ["C", "C", "G", "C", "G", "G"]
+    assert len(steps(summary, "loss/train")) == 3
+
+
 def test_gathered_metrics_come_back_process_by_process():
     """gather_metrics unpacks one flat gather: per-example values of process 0 then process 1, in
     the order they were computed; per-process values as a (processes, values) table."""

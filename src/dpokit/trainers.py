@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from dpokit import losses, progress
 from dpokit.checkpoint import Checkpointer, CheckpointSettings
 from dpokit.config import PREFERENCE_LOSSES
 from dpokit.data import (
+    Prefetched,
     PreparedData,
     cache_dir_for,
     eval_iterator,
@@ -441,9 +442,10 @@ class BasicTrainer:
         self.seed_or_restore_rng()
         if self.reference_model is not None:
             self.reference_model.eval()
-        batches = train_iterator(cfg, self.data, self.tokenizer, self.seed, skip_batches=self.batch_counter)
+        stream = train_iterator(cfg, self.data, self.tokenizer, self.seed, skip_batches=self.batch_counter)
+        batches = Prefetched(stream)
         bar = progress.bar(
-            total=len(batches) * cfg.batch_size, initial=self.example_counter, desc="Training", unit="ex",
+            total=len(stream) * cfg.batch_size, initial=self.example_counter, desc="Training", unit="ex",
             enabled=self.rank == 0, leave=True,
         )  # fmt: skip
         # a resumed run has already evaluated and saved at the step it resumed from
@@ -457,7 +459,7 @@ class BasicTrainer:
                         self.checkpointer.save(self.example_counter, metrics)
 
                 start = time.time()
-                batch_metrics = self.train_step(batch)
+                batch_metrics = self.train_step(batch, meanwhile=batches.prefetch)
                 self.batch_counter += 1
                 self.example_counter += cfg.batch_size
                 batch_metrics["examples_per_second"] = [cfg.batch_size / (time.time() - start)]
@@ -509,11 +511,12 @@ class BasicTrainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def train_step(self, batch: dict) -> dict[str, list]:
+    def train_step(self, batch: dict, meanwhile: Callable[[], None] = lambda: None) -> dict[str, list]:
         """One optimizer step on a global batch: its gradient_accumulation_steps micro-batches,
         each split across processes (and, with length_groups, into groups of similar length,
         weighted so that the loss and gradient are the micro-batch's mean), then clipping, the
-        step and the LR schedule."""
+        step and the LR schedule. `meanwhile` is host work to do while the device finishes the
+        step (the loop collates the next batch)."""
         self.policy.train()
         per_example: dict[str, list[torch.Tensor]] = defaultdict(list)
         n_micro = self.config.gradient_accumulation_steps
@@ -532,6 +535,7 @@ class BasicTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad()
         own = {"tokens": tokens, "grad_norm": grad_norm, **cuda_memory(self.device)}
+        meanwhile()
         # after the update is queued: the host waits for the device here, once, not per micro-batch
         metrics, per_process = gather_metrics(self.dist, per_example, own)
         real, padded = per_process.pop("tokens").sum(0).tolist()
