@@ -128,6 +128,42 @@ def test_published_dir_has_contract_files_and_matching_manifest(tmp_path, states
     assert verify_dir(target) is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a checkpoint of CUDA tensors")
+def test_what_a_gpu_run_saves_loads_on_a_machine_without_one(tmp_path):
+    """A model and optimizer on CUDA, saved: a process that sees no GPU loads the files with
+    weights_only=True and no map_location, gets the same values, and the tied embedding is
+    still one tensor."""
+    import subprocess
+    import sys
+
+    from dpokit.checkpoint.format import write_payload
+    from dpokit.models import load_model
+
+    model = load_model("tiny", seed=0).cuda()
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    optimizer.step()
+    states = {"policy.pt": model.state_dict(), "optimizer.pt": optimizer.state_dict()}
+    for name, state in states.items():
+        write_payload(tmp_path / name, 1, state, {})
+    torch.save({k: v.cpu() for k, v in states["policy.pt"].items()}, tmp_path / "expected.pt")
+    check = f"""
+import torch
+policy = torch.load({str(tmp_path / "policy.pt")!r}, weights_only=True)["state"]
+optimizer = torch.load({str(tmp_path / "optimizer.pt")!r}, weights_only=True)["state"]
+expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+assert all(v.device.type == "cpu" for v in policy.values())
+assert all(torch.equal(policy[k], expected[k]) for k in expected) and list(policy) == list(expected)
+assert policy["lm_head.weight"].data_ptr() == policy["transformer.wte.weight"].data_ptr()
+assert all(t.device.type == "cpu" for s in optimizer["state"].values() for t in s.values())
+print("ok")
+"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_metrics_none_is_stored_as_empty_dict(tmp_path):
     store = Store(tmp_path / "run", fsync=False)
     target = publish(store, "LATEST", 3, None, SMALL)

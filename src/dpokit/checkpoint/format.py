@@ -10,6 +10,7 @@ is there and matches; directories written by the reference have none and are che
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -67,11 +68,42 @@ def library_versions() -> dict[str, str]:
 def write_payload(
     path: str | os.PathLike, step: int, state: Any, metrics: dict | None, fsync: bool = True
 ) -> FileRecord:
-    """One contract file: torch.save({'step_idx', 'state', 'metrics'}), atomically."""
-    payload = {"step_idx": step, "state": state, "metrics": metrics if metrics is not None else {}}
+    """One contract file: torch.save({'step_idx', 'state', 'metrics'}), atomically, its tensors
+    on the CPU (`on_cpu`)."""
+    payload = {"step_idx": step, "state": on_cpu(state), "metrics": metrics if metrics is not None else {}}
     record = atomic_write(path, lambda f: torch.save(payload, f), fsync)
     record.step_idx = step
     return record
+
+
+def on_cpu(state: Any, copies: dict[int, torch.UntypedStorage] | None = None) -> Any:
+    """`state` with its CUDA tensors on the CPU, each storage copied once and the tensors rebuilt
+    as the same views of it (tied weights stay one tensor in the file). torch.save records where
+    a tensor lived: a file of CUDA tensors fails to load on a machine without CUDA unless the
+    reader passes map_location, and would differ from what a background save (CPU snapshots)
+    writes. Costs host memory for one file's tensors at a time; CPU tensors are not copied."""
+    copies = {} if copies is None else copies
+    if isinstance(state, torch.Tensor):
+        if state.device.type != "cuda" or hasattr(state, "placements"):  # a DTensor saves itself (DCP)
+            return state
+        storage = state.untyped_storage()
+        if storage.data_ptr() not in copies:
+            copies[storage.data_ptr()] = storage.cpu()
+        view = torch.empty(0, dtype=state.dtype)
+        return view.set_(copies[storage.data_ptr()], state.storage_offset(), state.shape, state.stride())
+    if isinstance(state, dict):
+        items = {k: on_cpu(v, copies) for k, v in state.items()}
+        if all(items[k] is v for k, v in state.items()):
+            return state  # nothing on CUDA: the very same object
+        moved = copy.copy(state)  # the same kind of mapping (an OrderedDict stays one)
+        moved.update(items)
+        return moved
+    if isinstance(state, (list, tuple)):
+        values = [on_cpu(v, copies) for v in state]
+        if all(a is b for a, b in zip(values, state, strict=True)):
+            return state
+        return type(state)(*values) if hasattr(state, "_fields") else type(state)(values)
+    return state
 
 
 def _numpy_scalar_globals() -> list:
