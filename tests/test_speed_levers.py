@@ -159,6 +159,26 @@ def test_fused_gelu_can_be_turned_off(train, monkeypatch):
     assert unfused[0] > 0 and unfused[1] == 0
 
 
+def test_the_tf32_setting_leaves_both_spellings_of_the_precision_readable_and_in_agreement():
+    """torch 2.9+ has two spellings of the float32 matmul precision; once the newer one is set,
+    reading the older one (torch.get_float32_matmul_precision, matmul.allow_tf32: inductor and
+    other libraries do) raises for the rest of the process. After either setting both read,
+    and agree. (The flags exist without CUDA too, so this runs everywhere.)"""
+    from dpokit.distributed import configure_tf32
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        for enabled, legacy, new in ((True, "high", "tf32"), (False, "highest", "ieee")):
+            configure_tf32(enabled)
+            assert torch.get_float32_matmul_precision() == legacy
+            assert matmul.allow_tf32 is enabled and cudnn.allow_tf32 is enabled
+            if hasattr(matmul, "fp32_precision"):
+                assert matmul.fp32_precision == new
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned, non-blocking copy is the CUDA path")
 def test_batches_reach_cuda_through_pinned_non_blocking_copies_intact():
     """The copy does not wait for the GPU, and what arrives is the batch (the pinned source stays

@@ -126,16 +126,14 @@ class Distribution(Protocol):
 
 
 def configure_tf32(enabled: bool) -> None:
-    """CUDA float32 matrix multiplies in TF32 (the reference enables it at import) or full fp32."""
-    if not torch.cuda.is_available():
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # the spelling of torch >= 2.9; allow_tf32 is deprecated
-        matmul.fp32_precision = "tf32" if enabled else "ieee"
-        torch.backends.cudnn.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    """CUDA float32 matrix multiplies and convolutions in TF32 (the reference enables it at
+    import) or full fp32. Through the `allow_tf32` flags, as the reference does, not torch
+    2.9's `fp32_precision`: once that is set, `torch.get_float32_matmul_precision()` and
+    reading `allow_tf32` raise RuntimeError ("mix of the legacy and new APIs") for the rest of
+    the process (torch 2.13), and torch's own inductor and other libraries still read them. The
+    `allow_tf32` setters keep both spellings readable and in agreement."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def resolve_device(name: str = "auto") -> torch.device:
