@@ -227,7 +227,6 @@ def test_sharded_checkpoints_consolidate_to_the_full_ones(dpo_full, dpo_sharded,
     assert verify.returncode == 0 and verify.stdout.count("OK ") == 4, verify.stdout
 
 
-@pytest.mark.exact_on_cpu("two CUDA runs of the same training need not repeat bit for bit")
 def test_background_sharded_saves_consolidate_to_the_synchronous_full_ones(dpo_full, dpo_sharded_async, tmp_path):
     """Each process snapshots its shards and writes them from its own thread (Distributed
     Checkpoint over a process group of its own, while training goes on over the default one);
@@ -253,7 +252,6 @@ def test_background_sharded_saves_consolidate_to_the_synchronous_full_ones(dpo_f
     assert verify.returncode == 0 and verify.stdout.count("OK ") == len(saved), verify.stdout
 
 
-@pytest.mark.exact_on_cpu("two CUDA runs of the same training need not repeat bit for bit")
 def test_background_full_saves_equal_the_synchronous_ones(dpo_full, dpo_full_async):
     """The full state is gathered onto rank 0 collectively, then written from its thread as it is
     (it is the save's own memory: no second copy); every file has the synchronous save's bits."""
@@ -438,6 +436,25 @@ def test_bad_input_is_refused_before_any_process_or_directory(tmp_path, dpo_shar
     message = _one_line_error(result["archive"])
     assert "sharded" in message and "dpokit ckpt consolidate" in message
     assert "consolidate" in _one_line_error(result["diff"])
+
+
+def test_more_processes_than_gpus_on_a_machine_are_refused_before_anything_starts(monkeypatch):
+    """Two processes on one GPU would both take it and meet NCCL's duplicate-GPU error at the first
+    collective, as a traceback: refused before any model or directory, naming the way out."""
+    from dpokit.errors import ConfigError
+    from dpokit.startup import build_config, preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nproc_per_node=2
+    cfg, _ = build_config(["trainer=FSDPTrainer", "exp_name=gpus", *FAST[2:]])
+    with pytest.raises(ConfigError, match=r"2 processes on this machine would share its 1 visible GPU.*device=cpu"):
+        preflight(cfg, 2)
+    cfg.device = "cpu"
+    preflight(cfg, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process on each of two machines
+    cfg.device = "auto"
+    preflight(cfg, 2)
 
 
 # ============================================================================================

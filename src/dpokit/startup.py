@@ -101,6 +101,8 @@ def _plain(value):
 
 def preflight(cfg: DictConfig, world_size: int) -> None:
     """Refuse, before any process, directory or model weights exist, what would fail later."""
+    import torch
+
     from dpokit.distributed import find_block_class
     from dpokit.models import model_skeleton
 
@@ -109,6 +111,13 @@ def preflight(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(
             f"config key 'trainer' is BasicTrainer, which runs one process, but {world_size} were started; "
             f"use trainer=FSDPTrainer"
+        )
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # torchrun's processes on this machine
+    if world_size > 1 and cfg.device != "cpu" and torch.cuda.is_available() and here > torch.cuda.device_count():
+        raise ConfigError(
+            f"{here} processes on this machine would share its {torch.cuda.device_count()} visible GPU(s), and "
+            f"NCCL needs one GPU per process: start at most {torch.cuda.device_count()} (config key 'nproc', "
+            f"or torchrun's --nproc_per_node), or pass device=cpu"
         )
     skeleton = model_skeleton(cfg.model.name_or_path)  # the model's config loads (no weights yet)
     if cfg.trainer == "FSDPTrainer":
