@@ -33,24 +33,6 @@ def bundled_pairs(n: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        "exact_on_cpu(reason): a bit-for-bit claim that holds on CPU; skipped when training would run on CUDA",
-    )
-
-
-def pytest_collection_modifyitems(config, items):
-    import torch
-
-    if not torch.cuda.is_available():
-        return
-    for item in items:
-        marker = item.get_closest_marker("exact_on_cpu")
-        if marker is not None:
-            item.add_marker(pytest.mark.skip(reason=f"exact on CPU only: {marker.args[0]}"))
-
-
 @pytest.fixture
 def train(tmp_path):
     """Run `dpokit train` in-process; returns the summary dict (run_dir, checkpoints, metrics)."""

@@ -28,9 +28,10 @@ def test_length_groups_give_the_same_update_with_less_padding(train):
     """Each micro-batch split into 4 groups of similar length, each group's loss weighted by its
     share of rows: the same mean loss and gradient in real arithmetic. With SGD (linear in the
     gradient, no clipping) the grouped weights are no further from a float64 run than the
-    one-batch float32 weights; the policy computed fewer padded tokens for the same real ones."""
+    one-batch float32 weights (tf32=false: on CUDA too, a float32 claim); the policy computed
+    fewer padded tokens for the same real ones."""
     args = ["batch_size=8", "n_examples=16", "eval_every=16", "do_first_eval=false", "optimizer=SGD", "lr=1e-2",
-            "max_grad_norm=1e9", "max_length=128", "max_prompt_length=64"]  # fmt: skip
+            "max_grad_norm=1e9", "max_length=128", "max_prompt_length=64", "tf32=false"]  # fmt: skip
     one = train(*args, exp_name="one")
     grouped = train(*args, "length_groups=4", exp_name="grouped")
     exact = train(*args, "model.policy_dtype=float64", exp_name="exact")
@@ -44,11 +45,13 @@ def test_length_groups_give_the_same_update_with_less_padding(train):
 def test_precomputed_reference_log_probs_match_computing_them(train, tmp_path):
     """Precomputed in batches of eval_batch_size instead of with each training batch: the same
     model on the same tokens, padded differently, so equal up to float32 rounding of the
-    log-probs (~1e-6 relative of sums in the hundreds); losses and rewards agree to 1e-4."""
+    log-probs (~1e-6 relative of sums in the hundreds); losses and rewards agree to 1e-4. On the
+    CPU everywhere: on CUDA the float16 reference model's kernels differ with the padded shape,
+    beyond that bound (the CUDA path is the cache test's below)."""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in bundled_pairs(60)))
     args = ["loss=dpo", "loss.beta=0.1", "batch_size=4", "n_examples=12", "eval_every=8", "lr=1e-3",
-            f"datasets=[hh:{data}]", "n_eval_examples=4", "eval_batch_size=4"]  # fmt: skip
+            f"datasets=[hh:{data}]", "n_eval_examples=4", "eval_batch_size=4", "device=cpu"]  # fmt: skip
     live = train(*args, exp_name="live")
     pre = train(*args, "precompute_ref_log_probs=true", exp_name="pre")
     for key in ("loss/train", "rewards_train/margins", "loss/eval", "rewards_eval/chosen"):
