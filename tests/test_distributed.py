@@ -438,6 +438,25 @@ def test_bad_input_is_refused_before_any_process_or_directory(tmp_path, dpo_shar
     assert "consolidate" in _one_line_error(result["diff"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 on CUDA with NCCL")
+def test_fsdp_on_a_gpu_trains_saves_shards_in_the_background_and_consolidates(tmp_path):
+    """FSDPTrainer on one GPU (NCCL, CUDA shards, background sharded saves from CUDA): the run
+    finishes, every checkpoint verifies and consolidates into a policy.pt of CPU tensors."""
+    run = tmp_path / "run"
+    result = run_cli("train", *[a for a in DPO if a != "device=cpu"], "device=cuda", "trainer=FSDPTrainer",
+                     "nproc=1", "checkpoint.format=sharded", "checkpoint.async=true", "exp_name=gpu",
+                     f"local_run_dir={run}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = sorted(p.name for p in run.iterdir() if p.name.startswith("step-") or p.name == "LATEST")
+    assert saved == ["LATEST", "step-16", "step-24", "step-8"]
+    for name in saved:
+        assert run_cli("ckpt", "verify", str(run / name)).returncode == 0, name
+        out = tmp_path / f"consolidated-{name}"
+        assert run_cli("ckpt", "consolidate", str(run / name), str(out)).returncode == 0, name
+        state = torch.load(out / "policy.pt", weights_only=True)["state"]
+        assert all(v.device.type == "cpu" and v.isfinite().all() for v in state.values())
+
+
 def test_more_processes_than_gpus_on_a_machine_are_refused_before_anything_starts(monkeypatch):
     """Two processes on one GPU would both take it and meet NCCL's duplicate-GPU error at the first
     collective, as a traceback: refused before any model or directory, naming the way out."""

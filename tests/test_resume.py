@@ -133,8 +133,13 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
 def test_rng_state_round_trip():
     from dpokit.trainers import rng_state, set_rng_state
 
+    def draw() -> tuple:
+        on_gpu = (torch.rand(3, device="cuda").cpu(),) if torch.cuda.is_available() else ()
+        return random.random(), np.random.rand(), torch.rand(3), *on_gpu
+
     state = rng_state()
-    first = (random.random(), np.random.rand(), torch.rand(3))
+    first = draw()
     set_rng_state(state)
-    again = (random.random(), np.random.rand(), torch.rand(3))
-    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+    again = draw()
+    assert first[0] == again[0] and first[1] == again[1]
+    assert all(torch.equal(a, b) for a, b in zip(first[2:], again[2:], strict=True))
