@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--n-examples", type=int, default=None, help="instead of the workload's (a shorter check)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    reference = Path(args.reference_dir or "")
+    reference = Path(args.reference_dir or "").resolve()  # the runs start in a scratch directory
     if not args.reference_dir or not (reference / "train.py").is_file() or not (reference / "trainers.py").is_file():
         raise SystemExit("benchmarks/reference.py needs a checkout of the DPO reference repository: "
                          "--reference-dir DIR (or DPO_REFERENCE_DIR) with its train.py and trainers.py")  # fmt: skip
