@@ -40,7 +40,7 @@ TRL_VERSION = "1.16.0"
 LEVERS = "dpokit+levers"  # dpokit with its opt-in speed levers
 LEVER_ARGS = ["precompute_ref_log_probs=true", "length_groups=4", "sampler=length_grouped"]
 WORKLOAD = {"batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_examples": 512, "lr": 1e-5,
-            "warmup_steps": 10, "beta": 0.1}  # fmt: skip
+            "warmup_steps": 10, "beta": 0.1, "reference_dtype": "float32"}  # fmt: skip
 
 
 def peer_python(venv: Path) -> Path:
