@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from peers import versions  # noqa: E402
-from train_throughput import BIN, model_dir, timed_process  # noqa: E402
+from train_throughput import BIN, model_dir, say_run, timed_process  # noqa: E402
 
 # what the reference imports beyond torch, transformers and datasets, at versions it ran with here
 REFERENCE_PACKAGES = ["hydra-core==1.3.2", "wandb==0.31.0", "tensor_parallel==2.0.0", "beautifulsoup4==4.15.0",
@@ -202,6 +202,7 @@ def main() -> None:
                 else:
                     cmd = [str(BIN / "dpokit"), "train", *common, f"datasets=[hh:{hh}]", *variants[name]]
                 runs[name].append(run(cmd, root, w))
+                say_run(name, runs[name][-1])
     print(f"\nDPO from an SFT archive, {workload}: {w['model']}, batch {w['batch_size']}, max_length {w['max_length']}, "
           f"{w['n_examples']} pairs, first eval on 256 pairs, {args.repeats} alternated repeats (medians)")  # fmt: skip
     print(f"  dpokit:    {report['dpokit_env']}\n  reference: {report['reference_env']}")

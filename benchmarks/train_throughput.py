@@ -170,6 +170,12 @@ def collation_ms(w: dict, loss: str, n_batches: int = 40) -> float:
         times.append(time.perf_counter() - t0)
 
 
+def say_run(name: str, result: dict) -> None:
+    """One finished run, at once: a run stopped at a time limit still leaves the ones before it."""
+    print(f"  done: {name}: {result['examples_per_second']:.2f} examples/s per step, "
+          f"{result['process_seconds']:.1f} s", flush=True)  # fmt: skip
+
+
 def run_once(args: list[str], root: Path) -> dict:
     run_dir = root / f"run-{time.monotonic_ns()}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -233,6 +239,7 @@ def main() -> None:
             for _ in range(args.repeats):  # alternated, so that drift in the machine hits every variant alike
                 for name, extra in variants.items():
                     runs[name].append(run_once([*common, *loss_args, *extra], root))
+                    say_run(f"{loss} {name}", runs[name][-1])
             base = statistics.median(r["examples_per_second"] for r in runs["baseline"])
             collate = collation_ms(w, loss)
             print(f"\n{workload} workload, {loss.upper()}: {n_params / 1e6:.1f}M parameters, batch {w['batch_size']}, "

@@ -64,7 +64,8 @@ tests() {
   local threads=$(( $(nproc) / (TEST_WORKERS > 0 ? TEST_WORKERS : 1) ))
   export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))  # the workers share the cores
   # shellcheck disable=SC2086  # TESTS is a list of pytest arguments
-  "$PYTHON" -m pytest -q -p no:cacheprovider "${workers[@]}" --durations=15 --junitxml="$out/tests.xml" $TESTS
+  # -v: a line per test as it ends, so a stage stopped at its limit still says what ran
+  "$PYTHON" -m pytest -v -p no:cacheprovider "${workers[@]}" --durations=15 --junitxml="$out/tests.xml" $TESTS
 }
 
 reference() {
