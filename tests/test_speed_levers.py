@@ -162,6 +162,35 @@ def test_fused_gelu_can_be_turned_off(train, monkeypatch):
     assert unfused[0] > 0 and unfused[1] == 0
 
 
+@pytest.mark.parametrize("precompute", [True, False])
+def test_precomputing_frees_the_reference_model_before_training(train, monkeypatch, precompute):
+    """With its log-probs precomputed the reference model has done its work: nothing holds it
+    while the policy trains (on a GPU its memory goes to the policy). Without, it is kept."""
+    import gc
+    import weakref
+
+    import dpokit.models
+    from dpokit.trainers import BasicTrainer
+
+    made: list[weakref.ref] = []
+    copy_as_reference, original_train = dpokit.models.copy_as_reference, BasicTrainer.train
+
+    def recorded_copy(*args):
+        reference = copy_as_reference(*args)
+        made.append(weakref.ref(reference))
+        return reference
+
+    def train_and_look(self):
+        gc.collect()
+        made.append(made[0]() is not None)
+        original_train(self)
+
+    monkeypatch.setattr(dpokit.models, "copy_as_reference", recorded_copy)
+    monkeypatch.setattr(BasicTrainer, "train", train_and_look)
+    train("loss=dpo", "loss.beta=0.1", "batch_size=4", "n_examples=4", f"precompute_ref_log_probs={precompute}")
+    assert made[1] is (not precompute)
+
+
 def test_the_tf32_setting_leaves_both_spellings_of_the_precision_readable_and_in_agreement():
     """torch 2.9+ has two spellings of the float32 matmul precision; once the newer one is set,
     reading the older one (torch.get_float32_matmul_precision, matmul.allow_tf32: inductor and

@@ -94,6 +94,7 @@ def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, wor
             policy, cfg, cfg.seed, str(run_dir), reference_model=reference, rank=rank, world_size=world_size,
             tokenizer=tokenizer, data=data,
         )  # fmt: skip
+        del reference  # the trainer's now: with precomputed log-probs it frees it, which needs the only reference
         if resume_dir is not None:
             trainer.restore(resume_dir)
         try:
