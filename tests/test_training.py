@@ -105,6 +105,30 @@ def test_archive_may_be_a_run_or_checkpoint_directory(sft_run, train):
         assert summary["final_metrics"]["loss/eval"] > 0
 
 
+def test_a_half_precision_reference_is_the_model_from_pretrained_would_load(tmp_path):
+    """copy_as_reference casts the parameters and leaves the buffers, as from_pretrained(dtype=)
+    does: a Llama's rotary inv_freq stays float32 (in float16 its rounding moves the angles at
+    long positions), the tied embedding stays one tensor, and the logits are the loaded model's."""
+    import transformers
+
+    from dpokit.models import copy_as_reference
+
+    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=128, vocab_size=256, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    policy = transformers.AutoModelForCausalLM.from_config(config)
+    policy.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float16)
+    reference = copy_as_reference(policy, "float16")
+    buffers = {name: b.dtype for name, b in reference.named_buffers()}
+    assert buffers == {name: b.dtype for name, b in loaded.named_buffers()} and set(buffers.values()) == {torch.float32}
+    assert {p.dtype for p in reference.parameters()} == {torch.float16}
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (2, 200))
+    with torch.no_grad():
+        assert torch.equal(reference(ids).logits, loaded(ids).logits)
+
+
 def test_reference_written_archive_loads_unchanged(tmp_path, train):
     """A policy.pt exactly as the DPO reference writes it (OrderedDict state, no manifest)."""
     model = load_model("tiny", seed=7)

@@ -68,7 +68,7 @@ def load_model(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = transformers.AutoModelForCausalLM.from_config(config)
-            model = model.to(torch_dtype)
+            model = cast_parameters(model, torch_dtype)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir, dtype=torch_dtype)
     except (OSError, ValueError) as err:
@@ -116,8 +116,20 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     return replaced
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model's floating-point parameters in `dtype`, its buffers as they are, which is what
+    from_pretrained(dtype=...) gives. Module.to(dtype) also casts float buffers, such as the
+    rotary embeddings' inv_freq (Llama, GPT-NeoX/Pythia): in float16 their rounding moves the
+    angles at long positions (0.1 rad at position 511). A tied weight is one parameter, so it
+    stays one tensor."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    return model
+
+
 def copy_as_reference(policy: torch.nn.Module, dtype: str) -> torch.nn.Module:
-    reference = copy.deepcopy(policy).to(getattr(torch, dtype))
+    reference = cast_parameters(copy.deepcopy(policy), getattr(torch, dtype))
     reference.requires_grad_(False)
     reference.eval()
     return reference

@@ -43,6 +43,10 @@ from dpokit.data import (
 from dpokit.distributed import FSDP2, Distribution, SingleProcess, configure_tf32
 from dpokit.tracking import Tracker, drop_metrics_after
 
+# in the precomputed reference log-probs' cache key; 2: a half-precision reference keeps its float
+# buffers (rotary inv_freq) in float32, which its weights' fingerprint does not show
+REFERENCE_LOGPS_FORMAT = 2
+
 
 def state_fingerprint(state: Any) -> str:
     """xxh3 of every tensor's bytes (a model, or a dict of tensors): what identifies weights or data."""
@@ -320,16 +324,18 @@ class BasicTrainer:
     def precompute_reference_logps(self, reference_weights: str) -> dict[str, torch.Tensor]:
         """The reference model's log-probs of the train and eval items this run will visit,
         computed once (progress bar) and kept on disk keyed by the tokenized data, the reference
-        weights, its dtype, the device and mixed precision. The table has a row per item (NaN:
-        not computed yet): a later run with the same key computes only the items it lacks."""
+        weights, its dtype, the device, TF32, mixed precision and fused GELU. The table has a row
+        per item (NaN: not computed yet): a later run with the same key computes only the items
+        it lacks."""
         from dpokit.data import every_item
 
         cfg = self.config
         splits = {"train": train_iterator(cfg, self.data, self.tokenizer, self.seed),
                   "eval": eval_iterator(cfg, self.data, self.tokenizer, self.seed)}  # fmt: skip
         key = hashlib.sha256(json.dumps([
-            [state_fingerprint(vars(it.tokenized)) for it in splits.values()], reference_weights,
-            cfg.model.reference_dtype, self.device.type, cfg.mixed_precision, cfg.max_length, cfg.max_prompt_length,
+            REFERENCE_LOGPS_FORMAT, [state_fingerprint(vars(it.tokenized)) for it in splits.values()],
+            reference_weights, cfg.model.reference_dtype, self.device.type, cfg.mixed_precision, cfg.tf32,
+            cfg.model.fused_gelu, cfg.max_length, cfg.max_prompt_length,
         ]).encode()).hexdigest()[:24]  # fmt: skip
         path = Path(cache_dir_for(list(cfg.local_dirs))) / "reference_logps" / f"{key}.pt"
         tables = torch.load(path, weights_only=True) if path.is_file() else {}
