@@ -130,6 +130,21 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
     assert "skipping damaged checkpoint" in capsys.readouterr().out
 
 
+def test_a_run_saved_with_more_gpus_restores_its_cuda_streams_on_fewer(monkeypatch):
+    """A process of an 8-GPU job saves the state of every GPU it saw; resumed where fewer are
+    visible, each visible GPU takes its own, instead of an IndexError."""
+    from dpokit.trainers import rng_state, set_rng_state
+
+    restored: list = []
+    state = {k: v for k, v in rng_state().items() if k != "cuda"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    set_rng_state({**state, "cuda": saved})
+    assert len(restored) == 1 and len(restored[0]) == 1 and torch.equal(restored[0][0], saved[0])
+
+
 def test_rng_state_round_trip():
     from dpokit.trainers import rng_state, set_rng_state
 
