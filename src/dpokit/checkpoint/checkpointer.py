@@ -437,6 +437,8 @@ class Checkpointer:
     ) -> None:
         start = time.perf_counter()
         try:
+            if self.dist.device.type == "cuda":  # a new thread starts on device 0, whatever this process's is
+                torch.cuda.set_device(self.dist.device)
             self._copy_pending(pending)
             error = write()
             if error is None and self.dist.is_main and target.parent == self.run_dir:
@@ -452,10 +454,11 @@ class Checkpointer:
         try:
             for buffer, source in pending:
                 buffer.copy_(source, non_blocking=source.device.type == "cuda")
-            copied = torch.cuda.Event() if torch.cuda.is_available() else None
+            on_gpu = any(source.device.type == "cuda" for _, source in pending)
+            copied = torch.cuda.Event(blocking=True) if on_gpu else None  # blocking: waited on asleep
             if copied is not None:
-                # copies from this thread are queued on the default stream like the step that
-                # before_update() releases, so that step cannot overtake them
+                # copies from this thread are queued on the device's default stream like the step
+                # that before_update() releases, so that step cannot overtake them
                 copied.record()
         finally:
             self._copied.set()
