@@ -191,6 +191,38 @@ def test_precomputing_frees_the_reference_model_before_training(train, monkeypat
     assert made[1] is (not precompute)
 
 
+def test_right_padded_batches_run_without_a_mask_and_give_the_same_log_probs(monkeypatch):
+    """A causal model's real tokens see only real tokens before them when the padding is on the
+    right: the forward gets no mask (no 4-D mask, causal attention kernels, and no look at the
+    mask on the device) and the log-probs are those with the mask, up to float32 rounding of sums
+    in the hundreds. A mask with padding anywhere else is passed on."""
+    from omegaconf import OmegaConf
+
+    from dpokit import losses
+    from dpokit.models import load_model
+    from dpokit.trainers import BasicTrainer, only_right_padding
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 4000, (4, 64))
+    mask = torch.ones(4, 64, dtype=torch.long)
+    mask[1, 40:], mask[2, 10:] = 0, 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :5] = -100
+    assert only_right_padding(mask) and not only_right_padding(mask.flip(1))
+    model = load_model("tiny").eval()
+    given: list = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: given.append(k["attention_mask"]) or forward(*a, **k))
+    trainer = BasicTrainer.__new__(BasicTrainer)  # just what sequence_logps uses
+    trainer.device, trainer.config = torch.device("cpu"), OmegaConf.create({"mixed_precision": None})
+    with torch.no_grad():
+        without = trainer.sequence_logps(model, ids, mask, labels)
+        left = trainer.sequence_logps(model, ids.flip(1), mask.flip(1), labels.flip(1))
+        expected = losses.batch_logps(forward(ids, attention_mask=mask).logits, labels)
+    assert given[0] is None and torch.equal(given[1], mask.flip(1))
+    assert torch.allclose(without, expected, rtol=1e-5) and left.isfinite().all()
+
+
 def test_the_tf32_setting_leaves_both_spellings_of_the_precision_readable_and_in_agreement():
     """torch 2.9+ has two spellings of the float32 matmul precision; once the newer one is set,
     reading the older one (torch.get_float32_matmul_precision, matmul.allow_tf32: inductor and

@@ -44,7 +44,8 @@ from dpokit.distributed import FSDP2, Distribution, SingleProcess, configure_tf3
 from dpokit.tracking import Tracker, drop_metrics_after
 
 # in the precomputed reference log-probs' cache key; 2: a half-precision reference keeps its float
-# buffers (rotary inv_freq) in float32, which its weights' fingerprint does not show
+# buffers (rotary inv_freq) in float32, which its weights' fingerprint does not show, and
+# right-padded batches run without an attention mask (other attention kernels: other rounding)
 REFERENCE_LOGPS_FORMAT = 2
 
 
@@ -84,6 +85,16 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def only_right_padding(attention_mask: torch.Tensor) -> bool:
+    """Whether a (CPU) attention mask marks nothing but padding after each row's tokens. Then a
+    causal model needs no mask: each real token attends only to the tokens before it, all real,
+    so its logits are the same (up to the attention kernel's rounding), and the model runs
+    causal attention (flash kernels) without building a 4-D mask. transformers also inspects a
+    mask it is given on the device (`bool(mask.sum() == mask.numel())`), which on CUDA makes the
+    host wait for the GPU at the start of every forward."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def gather_metrics(
@@ -265,10 +276,11 @@ class BasicTrainer:
         device = self.device
         positions = to_device(losses.predicted_indices(labels), device)
         labels = to_device(labels, device)
+        mask = None if only_right_padding(attention_mask) else to_device(attention_mask, device)
         # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
         # under activation checkpointing
         with self.autocast(), losses.logits_where_predicted(model, labels, positions):
-            out = model(to_device(input_ids, device), attention_mask=to_device(attention_mask, device), use_cache=False)
+            out = model(to_device(input_ids, device), attention_mask=mask, use_cache=False)
         return losses.batch_logps(out.logits, labels, positions=positions)
 
     def concatenated_forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
