@@ -213,11 +213,11 @@ def test_right_padded_batches_run_without_a_mask_and_give_the_same_log_probs(mon
     given: list = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: given.append(k["attention_mask"]) or forward(*a, **k))
-    trainer = BasicTrainer.__new__(BasicTrainer)  # just what sequence_logps uses
+    trainer = BasicTrainer.__new__(BasicTrainer)  # just what model_inputs and sequence_logps use
     trainer.device, trainer.config = torch.device("cpu"), OmegaConf.create({"mixed_precision": None})
     with torch.no_grad():
-        without = trainer.sequence_logps(model, ids, mask, labels)
-        left = trainer.sequence_logps(model, ids.flip(1), mask.flip(1), labels.flip(1))
+        without = trainer.sequence_logps(model, trainer.model_inputs(ids, mask, labels))
+        left = trainer.sequence_logps(model, trainer.model_inputs(ids.flip(1), mask.flip(1), labels.flip(1)))
         expected = losses.batch_logps(forward(ids, attention_mask=mask).logits, labels)
     assert given[0] is None and torch.equal(given[1], mask.flip(1))
     assert torch.allclose(without, expected, rtol=1e-5) and left.isfinite().all()

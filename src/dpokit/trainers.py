@@ -267,28 +267,42 @@ class BasicTrainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def sequence_logps(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """log p(labelled tokens) of each sequence, from a batch on the CPU. The positions whose
-        logits are needed are found there, so the host does not wait for the device to know how
-        many there are and can queue this forward while the previous backward still runs."""
+    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
+        """A batch's forward inputs on the device, prepared on the CPU once for every model that
+        reads them (policy and reference). The positions whose logits are needed are found on
+        the CPU, so the host does not wait for the device to know how many there are and can
+        queue a forward while the previous backward still runs; a mask that marks only right
+        padding is left out (`only_right_padding`)."""
         device = self.device
-        positions = to_device(losses.predicted_indices(labels), device)
-        labels = to_device(labels, device)
-        mask = None if only_right_padding(attention_mask) else to_device(attention_mask, device)
+        return {
+            "input_ids": to_device(input_ids, device),
+            "attention_mask": None if only_right_padding(attention_mask) else to_device(attention_mask, device),
+            "labels": to_device(labels, device),
+            "positions": to_device(losses.predicted_indices(labels), device),
+        }
+
+    def pair_inputs(self, batch: dict) -> dict:
+        """Chosen and rejected as one batch (one forward instead of two), on the device."""
+        cat = losses.concatenated_inputs(batch)
+        return self.model_inputs(
+            cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
+        )
+
+    def sequence_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """log p(labelled tokens) of each sequence of `model_inputs`."""
+        labels, positions = inputs["labels"], inputs["positions"]
         # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
         # under activation checkpointing
         with self.autocast(), losses.logits_where_predicted(model, labels, positions):
-            out = model(to_device(input_ids, device), attention_mask=mask, use_cache=False)
+            out = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         return losses.batch_logps(out.logits, labels, positions=positions)
 
-    def concatenated_forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen and rejected through the model as one batch (one forward instead of two)."""
-        cat = losses.concatenated_inputs(batch)
-        logps = self.sequence_logps(
-            model, cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
-        )
+    def concatenated_forward(
+        self, model: nn.Module, batch: dict, inputs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected log-probs through the model as one batch (`inputs`: the batch's
+        `pair_inputs`, when another model has read them already)."""
+        logps = self.sequence_logps(model, inputs if inputs is not None else self.pair_inputs(batch))
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n], logps[n:]
 
@@ -300,8 +314,9 @@ class BasicTrainer:
         split = "train" if train else "eval"
         metrics = {}
         if self.is_preference:
-            chosen_logps, rejected_logps = self.concatenated_forward(self.policy, batch)
-            ref_chosen, ref_rejected = self.reference_logps(batch, split)
+            inputs = self.pair_inputs(batch)
+            chosen_logps, rejected_logps = self.concatenated_forward(self.policy, batch, inputs)
+            ref_chosen, ref_rejected = self.reference_logps(batch, split, inputs)
             loss_kwargs = {"beta": loss_config.beta, "ipo": loss_config.name == "ipo"}
             if loss_config.name == "dpo":
                 loss_kwargs.update(
@@ -316,23 +331,24 @@ class BasicTrainer:
             metrics[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
             metrics[f"logps_{split}/rejected"] = rejected_logps.detach()
         else:
-            chosen_logps = self.sequence_logps(
-                self.policy, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"]
+            inputs = self.model_inputs(
+                batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"]
             )
+            chosen_logps = self.sequence_logps(self.policy, inputs)
             per_example = losses.sft_loss(chosen_logps)
         metrics[f"logps_{split}/chosen"] = chosen_logps.detach()
         metrics[f"loss/{split}"] = per_example.detach()
         return per_example.mean(), metrics
 
-    def reference_logps(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(self, batch: dict, split: str, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen reference model's log-probs of chosen and rejected: looked up when they were
-        precomputed (precompute_ref_log_probs), else computed."""
+        precomputed (precompute_ref_log_probs), else computed from the policy's `inputs`."""
         if self.precomputed is not None:
             table = to_device(self.precomputed[split][batch["item_index"]], self.device)
             return table[:, 0], table[:, 1]
         assert self.reference_model is not None
         with torch.no_grad():
-            return self.concatenated_forward(self.reference_model, batch)
+            return self.concatenated_forward(self.reference_model, batch, inputs)
 
     def precompute_reference_logps(self, reference_weights: str) -> dict[str, torch.Tensor]:
         """The reference model's log-probs of the train and eval items this run will visit,
