@@ -26,11 +26,11 @@ from typing import Any, Optional, cast
 import omegaconf
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dpokit import loss_registry
 from dpokit.errors import ConfigError, DpokitError
 
 GROUPS = ("model", "loss")
 DEFAULT_GROUPS = {"model": "tiny", "loss": "sft"}
-PREFERENCE_LOSSES = ("dpo", "ipo")
 TRAINERS = ("BasicTrainer", "FSDPTrainer")
 CHECKPOINT_FORMATS = ("full", "sharded")
 LIST_KEYS = ("datasets", "local_dirs")
@@ -68,26 +68,9 @@ class ModelConfig:
     )
 
 
-@dataclass
-class SFTLossConfig:
-    name: str = _doc("loss: sft", "sft")
-
-
-@dataclass
-class DPOLossConfig:
-    name: str = _doc("loss: dpo", "dpo")
-    beta: float = _doc("DPO temperature; required (e.g. 0.1)", MISSING)
-    label_smoothing: float = _doc("conservative DPO: assumed fraction of flipped labels, in [0, 0.5)", 0.0)
-    reference_free: bool = _doc("ignore the reference model (uniform reference)", False)
-
-
-@dataclass
-class IPOLossConfig:
-    name: str = _doc("loss: ipo", "ipo")
-    beta: float = _doc("IPO regularisation strength; required (e.g. 0.1)", MISSING)
-
-
-LOSS_SCHEMAS = {"sft": SFTLossConfig, "dpo": DPOLossConfig, "ipo": IPOLossConfig}
+# The `loss` group's schemas come from the loss registry (one per loss, and per combination).
+LOSS_SCHEMAS = {name: loss_registry.schema([name]) for name in loss_registry.LOSSES}
+SFTLossConfig, DPOLossConfig, IPOLossConfig = LOSS_SCHEMAS["sft"], LOSS_SCHEMAS["dpo"], LOSS_SCHEMAS["ipo"]
 
 
 @dataclass
@@ -189,7 +172,7 @@ class Config:
         None,
     )
     precompute_ref_log_probs: bool = _doc(
-        "DPO/IPO: compute the reference model's log-probs of every pair once (cached on disk), then free it", False
+        "losses with a reference model: compute its log-probs of every pair once (cached on disk), then free it", False
     )
     length_groups: int = _doc(
         "split each micro-batch into this many groups of similar length: less padding, the same loss and gradient", 1
@@ -209,7 +192,7 @@ class Config:
     resume_force: bool = _doc("resume even if model, loss or batch size differ from the saved run's config", False)
     checkpoint: CheckpointConfig = _doc("checkpoint durability and retention", factory=CheckpointConfig)
     model: Any = _doc("model config group: tiny, blank_model, gpt2-large, pythia28, ... (model=NAME)", None)
-    loss: Any = _doc("loss config group: sft, dpo or ipo (loss=NAME)", None)
+    loss: Any = _doc("loss config group (loss=NAME or loss=[A,B,...]; the losses are listed below)", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,10 +204,14 @@ def _conf_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
+    if group == "loss":
+        return list(loss_registry.LOSSES)
     return sorted(p.stem for p in (_conf_dir() / group).glob("*.yaml"))
 
 
 def _load_group(group: str, name: str) -> DictConfig:
+    if group == "loss":
+        return loss_registry.group(name)
     options = group_options(group)
     if name not in options:
         raise ConfigError(
@@ -233,8 +220,7 @@ def _load_group(group: str, name: str) -> DictConfig:
         )
     raw = OmegaConf.load(_conf_dir() / group / f"{name}.yaml")
     assert isinstance(raw, DictConfig), f"{group}/{name}.yaml is not a mapping"
-    schema = ModelConfig if group == "model" else LOSS_SCHEMAS.get(str(raw.get("name")), SFTLossConfig)
-    return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema), raw))
+    return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +231,7 @@ def all_keys() -> list[str]:
     """Every settable key, dotted (model.* and loss.* of every group)."""
     keys = [row[0] for row in _schema_lines(Config) if row[0] not in GROUPS]
     keys += [row[0] for row in _schema_lines(ModelConfig, "model.")]
-    for schema in LOSS_SCHEMAS.values():
-        keys += [row[0] for row in _schema_lines(schema, "loss.") if row[0] not in keys]
+    keys += ["loss.name"] + [f"loss.{k}" for k in loss_registry.KEYS]
     return keys + list(GROUPS)
 
 
@@ -260,6 +245,11 @@ def _explain(err: omegaconf.errors.OmegaConfBaseException, groups: dict[str, str
     if isinstance(err, (omegaconf.errors.ConfigAttributeError, omegaconf.errors.ConfigKeyError)):
         group = key.split(".")[0]
         where = f" for {group}={groups[group]}" if group in groups and "." in key else ""
+        owners = loss_registry.key_owners(key.split(".", 1)[1]) if group == "loss" and "." in key else []
+        if owners:
+            return f"config key '{key}'{where} belongs to loss={owners[0]}" + (
+                f" (and {', '.join(owners[1:4])}{', ...' if len(owners) > 4 else ''})" if len(owners) > 1 else ""
+            )
         hint = did_you_mean(key, all_keys()) or " (run 'dpokit train --help' for the list of keys)"
         return f"unknown config key '{key}'{where}{hint}"
     if isinstance(err, omegaconf.errors.ValidationError):
@@ -303,8 +293,10 @@ def parse_args(args: list[str], base: Optional[dict] = None) -> DictConfig:
         for group in GROUPS:
             if base is not None and group not in named_groups:
                 saved = base.get(group) or {}
-                schema = ModelConfig if group == "model" else LOSS_SCHEMAS.get(str(saved.get("name")), SFTLossConfig)
-                cfg[group] = OmegaConf.merge(OmegaConf.structured(schema), saved)
+                if group == "model":
+                    cfg[group] = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved)
+                else:
+                    cfg[group] = OmegaConf.merge(loss_registry.group(saved.get("name", "sft")), saved)
             else:
                 cfg[group] = _load_group(group, groups[group])
     OmegaConf.set_struct(cfg, True)
@@ -329,9 +321,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     for key in missing:
         if key == "loss.beta":
-            raise ConfigError(
-                f"config key 'loss.beta' is required for loss={cfg.loss.name} (for example loss.beta=0.1)"
-            )
+            loss_registry.validate(cfg)  # names the loss and an example value
         if key == "model.name_or_path":
             raise ConfigError(
                 "config key 'model.name_or_path' is required for this model config (a hub name or a local directory)"
@@ -394,10 +384,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         )
     if cfg.sampler not in ("random", "length_grouped"):
         raise ConfigError(f"config key 'sampler' must be random or length_grouped, got '{cfg.sampler}'")
-    if cfg.precompute_ref_log_probs and cfg.loss.name not in PREFERENCE_LOSSES:
-        raise ConfigError(
-            f"config key 'precompute_ref_log_probs' needs a reference model: loss=dpo or ipo, not {cfg.loss.name}"
-        )
+    loss_registry.validate(cfg)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"config key 'device' must be auto, cpu or cuda, got '{cfg.device}'")
     for key, allowed in (("data.on_bad_row", ("auto", "error", "skip")), ("checkpoint.on_interrupt", ("stop", "save"))):
@@ -424,10 +411,6 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
                 f"config key '{key}' is '{name}', which is not a torch dtype (e.g. float32, bfloat16, float16)"
             )
 
-    if cfg.loss.name in PREFERENCE_LOSSES and cfg.loss.beta <= 0:
-        raise ConfigError(f"config key 'loss.beta' must be > 0, got {cfg.loss.beta}")
-    if cfg.loss.name == "dpo" and not 0 <= cfg.loss.label_smoothing < 0.5:
-        raise ConfigError(f"config key 'loss.label_smoothing' must be in [0, 0.5), got {cfg.loss.label_smoothing}")
     if cfg.checkpoint.best_mode not in ("min", "max"):
         raise ConfigError(f"config key 'checkpoint.best_mode' must be 'min' or 'max', got '{cfg.checkpoint.best_mode}'")
     if cfg.checkpoint.on_error not in ("raise", "warn"):
@@ -558,17 +541,14 @@ def _show(value: Any) -> str:
 def help_text() -> str:
     rows = _schema_lines(Config)
     rows += _schema_lines(ModelConfig, "model.")
-    seen = {r[0] for r in rows}
-    for schema in (SFTLossConfig, DPOLossConfig, IPOLossConfig):
-        for row in _schema_lines(schema, "loss."):
-            if row[0] not in seen:
-                seen.add(row[0])
-                rows.append(row)
+    rows.append(("loss.name", "sft", "the loss, or list of losses, that loss=... chose"))
+    for key, spec in loss_registry.KEYS.items():
+        rows.append((f"loss.{key}", "required" if spec.default is MISSING else _show(spec.default), spec.help))
     width = max(len(r[0]) for r in rows)
     lines = [
         "usage: dpokit train [KEY=VALUE ...]",
         "",
-        "Train a policy with SFT, DPO or IPO. Arguments use the DPO reference's syntax:",
+        "Train a policy with SFT or a preference loss. Arguments use the DPO reference's syntax:",
         "  model=NAME and loss=NAME pick a config group; key=value sets a key; nested keys",
         "  use dots (loss.beta=0.1); lists use brackets (datasets=[hh,shp]).",
         "  model.* defaults below are the schema's; each model group (default: tiny) sets its own.",
@@ -577,4 +557,4 @@ def help_text() -> str:
     ]
     for key, default, text in rows:
         lines.append(f"  {key.ljust(width)}  ({default}) {text}")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *loss_registry.help_lines()])

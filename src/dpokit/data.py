@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,10 @@ class Example:
     prompt: str
     responses: list[str]
     pairs: list[tuple[int, int]]
-    sft_target: str
+    sft_target: str | None  # None: a prompt with undesirable completions only
     truncation_mode: str  # keep_end (dialogues: their end matters) or keep_start
     source: str
+    unpaired: list[tuple[int, bool]] = field(default_factory=list)  # (response, desirable): KTO's rows
 
 
 def load_examples(
@@ -50,7 +51,8 @@ def load_examples(
     for name in names:
         mode = parse_spec(name).truncation_mode
         for prompt, entry in get_dataset(name, split, cache_dir, on_bad_row, render, log, reported).items():
-            examples.append(Example(prompt, entry["responses"], entry["pairs"], entry["sft_target"], mode, name))
+            examples.append(Example(prompt, entry["responses"], entry["pairs"], entry["sft_target"], mode, name,
+                                    entry.get("unpaired", [])))  # fmt: skip
     return examples
 
 
@@ -159,16 +161,24 @@ class TokenizedSplit:
     offsets: torch.Tensor  # int64 [n_items, 4]
     first_item: torch.Tensor  # int64 [n_examples + 1]
     kept: torch.Tensor  # int64: indices of the examples kept (a prompt longer than max_length may be dropped)
+    desirable: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # unpaired: per item
 
     def ids(self, item: int) -> tuple[list[int], list[int], list[int]]:
         o = self.offsets[item].tolist()
         return self.tokens[o[0] : o[1]].tolist(), self.tokens[o[1] : o[2]].tolist(), self.tokens[o[2] : o[3]].tolist()
 
 
-def _items(example: Example, sft_mode: bool) -> list[tuple[str, str]]:
+def _items(example: Example, sft_mode: bool, unpaired: bool = False) -> list[tuple[str, str, bool]]:
+    """(chosen, rejected, desirable) texts of an example's items: its sft_target (SFT), its pairs,
+    or (unpaired) its labelled completions and each pair split into a desirable and an
+    undesirable completion, as TRL's unpair_preference_dataset does."""
     if sft_mode:
-        return [(example.sft_target, "")]
-    return [(example.responses[a], example.responses[b]) for a, b in example.pairs]
+        return [(example.sft_target, "", True)] if example.sft_target is not None else []
+    pairs = [(example.responses[a], example.responses[b], True) for a, b in example.pairs]
+    if not unpaired:
+        return pairs
+    split = [item for c, r, _ in pairs for item in ((c, "", True), (r, "", False))]
+    return split + [(example.responses[k], "", desirable) for k, desirable in example.unpaired]
 
 
 def _fingerprint(examples: list[Example], tokenizer: Any, settings: dict) -> str:
@@ -190,6 +200,7 @@ def tokenize_examples(
     max_length: int,
     max_prompt_length: int,
     sft_mode: bool,
+    unpaired: bool = False,
     on_bad_row: str = "auto",
     cache_dir: str | None = None,
     progress: bool = False,
@@ -199,6 +210,8 @@ def tokenize_examples(
     max_length is a bad row (refused or skipped by data.on_bad_row). With a cache_dir, the result
     is kept there keyed by the examples' content, the tokenizer and the lengths."""
     settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "sft": sft_mode, "bad": on_bad_row}
+    if unpaired:
+        settings["unpaired"] = True
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / "tokenized" / f"{_fingerprint(examples, tokenizer, settings)}.pt"
@@ -210,29 +223,32 @@ def tokenize_examples(
     eos = tokenizer.eos_token_id
     tokens: list[int] = []
     offsets: list[list[int]] = []
-    first_item, kept = [0], []
+    first_item, kept, desirable = [0], [], []
     too_long: dict[str, list[tuple[int, str]]] = {}
     chunk = 256
     bar = progress_bar(total=len(examples), desc="Tokenizing", unit="prompt", enabled=progress)
     for start in range(0, len(examples), chunk):
         part = examples[start : start + chunk]
-        texts = [t for ex in part for t in (ex.prompt, *(x for item in _items(ex, sft_mode) for x in item))]
+        texts = [
+            t for ex in part for t in (ex.prompt, *(x for item in _items(ex, sft_mode, unpaired) for x in item[:2]))
+        ]
         # verbose=False: texts longer than the tokenizer's model_max_length are expected; truncation is ours
         encoded = iter(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
         for k, ex in enumerate(part):
             prompt_ids = _check_no_eos(tokenizer, next(encoded), ex.prompt, "prompt", ex.source)
             items = []
-            for chosen, rejected in _items(ex, sft_mode):
+            for chosen, rejected, label in _items(ex, sft_mode, unpaired):
                 c = _check_no_eos(tokenizer, next(encoded), chosen, "chosen response", ex.source) + [eos]
                 r = next(encoded)
                 r = _check_no_eos(tokenizer, r, rejected, "rejected response", ex.source) + [eos] if rejected else []
-                items.append((c, r))
+                items.append((c, r, label))
             if len(prompt_ids) > max_length:
                 too_long.setdefault(ex.source, []).append((len(prompt_ids), ex.prompt))
                 if on_bad_row != "auto":  # 'auto' keeps them: truncation is the reference's answer
                     continue
-            for c, r in items:
+            for c, r, label in items:
                 p, c, r = truncate(prompt_ids, c, r, ex.truncation_mode, max_length, max_prompt_length)
+                desirable.append(label)
                 base = len(tokens)
                 offsets.append([base, base + len(p), base + len(p) + len(c), base + len(p) + len(c) + len(r)])
                 tokens.extend(p + c + r)
@@ -247,6 +263,7 @@ def tokenize_examples(
         torch.tensor(offsets, dtype=torch.int64).reshape(-1, 4),
         torch.tensor(first_item, dtype=torch.int64),
         torch.tensor(kept, dtype=torch.int64),
+        torch.tensor(desirable if unpaired else [], dtype=torch.bool),
     )
     if cache_file is not None:
         _write_cache(cache_file, split)
@@ -303,10 +320,12 @@ def prepare_data(cfg: Any, tokenizer: Any, log: Callable[[str], None] = print, p
     tokenized once (from the cache when the same data, tokenizer and lengths were seen before)."""
     cache_dir = cache_dir_for(list(cfg.local_dirs))
     render = chat_renderer(tokenizer)
+    mode = data_mode(cfg)
     settings = {
         "max_length": cfg.max_length,
         "max_prompt_length": cfg.max_prompt_length,
-        "sft_mode": cfg.loss.name == "sft",
+        "sft_mode": mode == "sft",
+        "unpaired": mode == "unpaired",
         "on_bad_row": cfg.data.on_bad_row,
         "cache_dir": cache_dir if cfg.data.cache else None,
         "progress": progress,
@@ -316,8 +335,36 @@ def prepare_data(cfg: Any, tokenizer: Any, log: Callable[[str], None] = print, p
     reported: set = set()  # each bad-row report once per run
     for split in ("train", "test"):
         examples = load_examples(list(cfg.datasets), split, cache_dir, cfg.data.on_bad_row, render, log, reported)
+        check_fits_loss(examples, mode, cfg, split)
         splits[split] = (examples, tokenize_examples(examples, tokenizer, **settings))
     return PreparedData(*splits["train"], *splits["test"])
+
+
+def check_fits_loss(examples: list[Example], mode: str, cfg: Any, split: str) -> None:
+    """Refuse unpaired rows for a loss that trains on pairs, and, for an unpaired loss, a train
+    split whose completions all have one label (KTO needs both kinds)."""
+    from dpokit.loss_registry import display_name
+
+    name = display_name(cfg.loss)
+    if mode == "paired":
+        unpaired = [ex for ex in examples if ex.unpaired]
+        if unpaired:
+            sources = sorted({ex.source for ex in unpaired})
+            n = sum(len(ex.unpaired) for ex in unpaired)
+            raise DataError(
+                f"dataset(s) {', '.join(sources)} have {n} unpaired row(s) {{prompt, completion, label}} in the {split} "
+                f"split, which loss={name} cannot train on: it needs pairs {{prompt, chosen, rejected}} (unpaired rows "
+                f"train loss=kto or apo_zero_unpaired)"
+            )
+    if mode == "unpaired" and split == "train":
+        labels = {d for ex in examples for d in (*(True for _ in ex.pairs), *(False for _ in ex.pairs),
+                                                 *(d for _, d in ex.unpaired))}  # fmt: skip
+        if len(labels) == 1:
+            which = "desirable (label true)" if True in labels else "undesirable (label false)"
+            raise DataError(
+                f"dataset(s) {', '.join(cfg.datasets)} have only {which} completions in the train split; loss={name} "
+                f"needs both desirable and undesirable ones"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +391,7 @@ class BatchIterator:
         max_length: int,
         max_prompt_length: int,
         sft_mode: bool,
+        unpaired: bool = False,
         seed: int = 0,
         shuffle: bool = True,
         n_epochs: int | None = None,
@@ -357,7 +405,12 @@ class BatchIterator:
             raise ValueError("give n_epochs or n_examples")
         if tokenized is None:
             tokenized = tokenize_examples(
-                examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, sft_mode=sft_mode
+                examples,
+                tokenizer,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                sft_mode=sft_mode,
+                unpaired=unpaired,
             )
         self.examples = [examples[i] for i in tokenized.kept.tolist()]
         n_items = len(tokenized.offsets)
@@ -369,6 +422,7 @@ class BatchIterator:
             )
         self.tokenized, self.pad_token_id = tokenized, tokenizer.pad_token_id
         self.batch_size, self.sft_mode, self.seed, self.shuffle = batch_size, sft_mode, seed, shuffle
+        self.unpaired, self.max_length = unpaired, max_length
         self.n_epochs, self.n_examples, self.skip_batches = n_epochs, n_examples, skip_batches
         self.sampler = sampler
 
@@ -429,15 +483,37 @@ class BatchIterator:
 
     def __iter__(self) -> Iterator[dict]:
         for raw in itertools.islice(self._raw_batches(), self.skip_batches, None):
-            batch = collate([self.element(idx, item) for idx, item in raw], self.pad_token_id)
-            batch["item_index"] = torch.tensor([item for _, item in raw])  # for per-item data (reference log-probs)
-            yield batch
+            yield self.collated(raw)
+
+    def collated(self, raw: list[tuple[int, int]]) -> dict:
+        batch = collate([self.element(idx, item) for idx, item in raw], self.pad_token_id)
+        batch["item_index"] = torch.tensor([item for _, item in raw])  # for per-item data (reference log-probs)
+        if self.unpaired:
+            batch["desirable"] = self.tokenized.desirable[batch["item_index"]]
+            batch.update(self.mismatched(raw))
+        return batch
+
+    def mismatched(self, raw: list[tuple[int, int]]) -> dict:
+        """KTO's KL sequences `kl_*`: row i's prompt with row i-1's completion (the batch
+        rotated by one, as the paper and TRL pair them: the same completions, other prompts),
+        the completion cut to fit max_length."""
+        rows = []
+        for (_, item), (_, previous) in zip(raw, raw[-1:] + raw[:-1], strict=True):
+            p, _, _ = self.tokenized.ids(item)
+            _, c, _ = self.tokenized.ids(previous)
+            c = c[: max(self.max_length - len(p), 1)]
+            rows.append({"kl_input_ids": p + c, "kl_attention_mask": [1] * (len(p) + len(c)),
+                         "kl_labels": [-100] * len(p) + c})  # fmt: skip
+        return collate(rows, self.pad_token_id)
 
     def element(self, idx: int, item: int) -> dict:
         ex = self.examples[idx]
         p, c, r = self.tokenized.ids(item)
-        if self.sft_mode:
-            element = build_element(ex.prompt, ex.sft_target, ex.sft_target, p, c, c)
+        if self.sft_mode or self.unpaired:  # one response: the SFT target, or an unpaired completion
+            first = int(self.tokenized.first_item[idx])
+            text = ex.sft_target if self.sft_mode else _items(ex, False, True)[item - first][0]
+            assert text is not None
+            element = build_element(ex.prompt, text, text, p, c, c)
             return {k: v for k, v in element.items() if "rejected" not in k}
         a, b = ex.pairs[item - int(self.tokenized.first_item[idx])]
         return build_element(ex.prompt, ex.responses[a], ex.responses[b], p, c, r)
@@ -511,9 +587,7 @@ def every_item(iterator: BatchIterator, batch_size: int, only: Collection[int] |
     for start in range(0, len(items), batch_size):
         raw = items[start : start + batch_size]
         raw += [raw[-1]] * (batch_size - len(raw))
-        batch = collate([iterator.element(idx, item) for idx, item in raw], iterator.pad_token_id)
-        batch["item_index"] = torch.tensor([item for _, item in raw])
-        yield batch
+        yield iterator.collated(raw)
 
 
 def token_counts(batch: dict) -> torch.Tensor:
@@ -525,8 +599,9 @@ def token_counts(batch: dict) -> torch.Tensor:
 
 
 def _iterator_settings(cfg: Any, tokenizer: Any, seed: int) -> dict:
+    mode = data_mode(cfg)
     return {"tokenizer": tokenizer, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-            "sft_mode": cfg.loss.name == "sft", "seed": seed}  # fmt: skip
+            "sft_mode": mode == "sft", "unpaired": mode == "unpaired", "seed": seed}  # fmt: skip
 
 
 def train_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int, skip_batches: int = 0) -> BatchIterator:
@@ -543,6 +618,13 @@ def eval_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int) -> Ba
         data.eval, **_iterator_settings(cfg, tokenizer, seed), batch_size=cfg.eval_batch_size,
         n_examples=cfg.n_eval_examples, split="test", tokenized=data.eval_tokens,
     )  # fmt: skip
+
+
+def data_mode(cfg: Any) -> str:
+    """What the loss trains on: 'sft' (each prompt's sft_target), 'paired' or 'unpaired'."""
+    from dpokit.loss_registry import objective
+
+    return objective(cfg).data
 
 
 def cache_dir_for(local_dirs: list[str]) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from dpokit.errors import ConfigError, DpokitError
 
@@ -121,8 +122,12 @@ class Distribution(Protocol):
     def load_full_optimizer_state_dict(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None
     ) -> None: ...
-    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict: ...
-    def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None: ...
+    def sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, reference: nn.Module | None = None
+    ) -> dict: ...
+    def load_sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reference: nn.Module | None = None
+    ) -> None: ...
 
 
 def configure_tf32(enabled: bool) -> None:
@@ -208,37 +213,62 @@ class SingleProcess:
         assert state is not None
         optimizer.load_state_dict(optimizer_state_by_index(state, parameter_names(model)))
 
-    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-        return _dcp_state(model, optimizer)
+    def sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, reference: nn.Module | None = None
+    ) -> dict:
+        return _dcp_state(model, optimizer, reference)
 
-    def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-        _dcp_load(model, optimizer, path)
+    def load_sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reference: nn.Module | None = None
+    ) -> None:
+        _dcp_load(model, optimizer, path, reference)
 
 
 # ============================================================================================
 # many processes: FSDP2
 
 
-def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, reference: nn.Module | None = None) -> dict:
     """The state Distributed Checkpoint saves: each process's shards, keyed by parameter name
-    (so any number of processes can load it), a tied tensor once."""
+    (so any number of processes can load it), a tied tensor once; with TR-DPO the reference
+    model's too."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state: dict[str, Any] = {"model": without_tied(get_model_state_dict(model), tied_parameters(model))}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+    if reference is not None:
+        state["reference"] = without_tied(get_model_state_dict(reference), tied_parameters(reference))
     return state
 
 
-def _dcp_load(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+def _dcp_load(
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reference: nn.Module | None = None
+) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = _dcp_state(model, optimizer)
+    state = _dcp_state(model, optimizer, reference)
     with single_process_dcp_is_intended():
         dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, share_tied(state["model"], tied_parameters(model)))
     set_optimizer_state_dict(model, optimizer, state["optim"])
+    if reference is not None:
+        set_model_state_dict(reference, share_tied(state["reference"], tied_parameters(reference)))
+
+
+@torch.no_grad()
+def mix_weights(target: nn.Module, source: nn.Module, alpha: float) -> None:
+    """target <- alpha * source + (1 - alpha) * target, parameter by parameter (TR-DPO's reference
+    update), computed in float32 and stored in target's dtype. Under FSDP2 each process mixes
+    its own shards: the two models are sharded alike, so their local shards correspond."""
+    pairs = zip(target.named_parameters(), source.named_parameters(), strict=True)
+    for (t_name, t), (s_name, s) in pairs:
+        if clean_name(t_name) != clean_name(s_name):
+            raise ValueError(f"cannot mix {s_name} into {t_name}: the models differ")
+        t_local = t.to_local() if isinstance(t, DTensor) else t
+        s_local = s.to_local() if isinstance(s, DTensor) else s
+        t_local.copy_(t_local.float().mul_(1 - alpha).add_(s_local.float(), alpha=alpha))
 
 
 @contextlib.contextmanager
@@ -448,11 +478,15 @@ class FSDP2:
         state = optimizer_state_by_name(state, parameter_names(model)) if state else {}
         set_optimizer_state_dict(model, optimizer, state, options=self._full_options(broadcast_from_rank0=True))
 
-    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-        return _dcp_state(model, optimizer)
+    def sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, reference: nn.Module | None = None
+    ) -> dict:
+        return _dcp_state(model, optimizer, reference)
 
-    def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
-        _dcp_load(model, optimizer, path)
+    def load_sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reference: nn.Module | None = None
+    ) -> None:
+        _dcp_load(model, optimizer, path, reference)
 
 
 def _wraps(module: nn.Module, cls: type) -> bool:

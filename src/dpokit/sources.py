@@ -9,7 +9,8 @@ split). Your own data, without code, in the formats the ecosystem uses:
 
 with rows `{prompt, chosen, rejected}` as strings, HH-style `{chosen, rejected}` dialogues, or
 conversations (lists of `{role, content}` messages, rendered with the tokenizer's chat template
-when it has one). A file has no splits: one prompt in ten (by hash) is the test split, unless
+when it has one); unpaired rows `{prompt, completion, label}` (label true for a desirable
+completion) are KTO's data. A file has no splits: one prompt in ten (by hash) is the test split, unless
 `?test=PATH` names a test file; a directory holds `train.*` and `test.*`.
 
 Bad rows (a missing field, an empty response, chosen equal to rejected, an HH pair whose two
@@ -175,11 +176,22 @@ def split_dialogues(chosen: Any, rejected: Any, where: str, bad: BadRows) -> tup
     return triple if check_pair(*triple, where, bad) else None
 
 
-def pairs_table(triples: Iterable[tuple[str, str, str]]) -> PromptTable:
+def pairs_table(triples: Iterable[tuple]) -> PromptTable:
     """One entry per prompt; each (prompt, chosen, rejected) adds a pair; the SFT target is the
-    last chosen response (the reference's rule for hh)."""
+    last chosen response (the reference's rule for hh). A (prompt, completion, label) row of
+    unpaired data (KTO) adds a labelled completion to `unpaired`; the last desirable one is the
+    SFT target of a prompt without pairs."""
     data: PromptTable = {}
-    for prompt, chosen, rejected in triples:
+    for row in triples:
+        if isinstance(row[2], bool):
+            prompt, completion, desirable = row
+            entry = data.setdefault(prompt, {"responses": [], "pairs": [], "sft_target": None})
+            entry.setdefault("unpaired", []).append((len(entry["responses"]), desirable))
+            entry["responses"].append(completion)
+            if desirable and not entry["pairs"]:
+                entry["sft_target"] = completion
+            continue
+        prompt, chosen, rejected = row
         entry = data.setdefault(prompt, {"responses": [], "pairs": [], "sft_target": chosen})
         n = len(entry["responses"])
         entry["pairs"].append((n, n + 1))
@@ -487,8 +499,42 @@ def _messages(value: Any) -> list[dict] | None:
     return None
 
 
-def row_triple(row: dict, where: str, bad: BadRows, render: ChatRenderer | None) -> tuple[str, str, str] | None:
-    """(prompt, chosen response, rejected response) of a row in any of the supported schemas."""
+def _assistant_text(messages: list[dict], render: ChatRenderer | None) -> str:
+    answer = " " if render is None else ""  # HH dialogues put a space after 'Assistant:'
+    return answer + "".join(m["content"] for m in messages if m["role"] == "assistant")
+
+
+def row_unpaired(row: dict, where: str, bad: BadRows, render: ChatRenderer | None) -> tuple[str, str, bool] | None:
+    """(prompt, completion, label) of an unpaired row `{prompt, completion, label}` (strings, or
+    lists of {role, content} messages), label a boolean: true for a desirable completion."""
+    bad.seen += 1
+    missing = [k for k in ("prompt", "completion", "label") if row.get(k) in (None, "")]
+    if missing:
+        bad.add(where, f"field '{missing[0]}' is missing")
+        return None
+    prompt, completion, label = row["prompt"], row["completion"], row["label"]
+    if not isinstance(label, bool):
+        bad.add(where, f"field 'label' is {label!r}; it must be true (desirable) or false (undesirable)")
+        return None
+    if isinstance(prompt, str) and isinstance(completion, str):
+        text = prompt
+    else:
+        p_msgs, c_msgs = _messages(prompt), _messages(completion)
+        if not p_msgs or c_msgs is None:
+            bad.add(where, "expected strings 'prompt' and 'completion', or lists of {role, content} messages")
+            return None
+        text, completion = (render or render_plain)(p_msgs), _assistant_text(c_msgs, render)
+    if not completion.strip():
+        bad.add(where, "the completion is empty")
+        return None
+    return text, completion, label
+
+
+def row_triple(row: dict, where: str, bad: BadRows, render: ChatRenderer | None) -> tuple | None:
+    """(prompt, chosen response, rejected response) of a row in any of the supported schemas,
+    or (prompt, completion, label) of an unpaired row (`row_unpaired`)."""
+    if "completion" in row or "label" in row:
+        return row_unpaired(row, where, bad, render)
     missing = [k for k in ("chosen", "rejected") if row.get(k) in (None, "")]
     if missing:
         bad.seen += 1
@@ -508,13 +554,11 @@ def row_triple(row: dict, where: str, bad: BadRows, render: ChatRenderer | None)
             p_msgs, c_msgs, r_msgs = c_msgs[:shared], c_msgs[shared:], r_msgs[shared:]
         if p_msgs:
             text = (render or render_plain)(p_msgs)
-            answer = " " if render is None else ""  # HH dialogues put a space after 'Assistant:'
-            c = answer + "".join(m["content"] for m in c_msgs if m["role"] == "assistant")
-            r = answer + "".join(m["content"] for m in r_msgs if m["role"] == "assistant")
+            c, r = _assistant_text(c_msgs, render), _assistant_text(r_msgs, render)
             return (text, c, r) if check_pair(text, c, r, where, bad) else None
     bad.seen += 1
-    bad.add(where, "expected strings 'prompt', 'chosen', 'rejected', HH dialogues 'chosen', 'rejected', or "
-                   "lists of {role, content} messages")  # fmt: skip
+    bad.add(where, "expected strings 'prompt', 'chosen', 'rejected', HH dialogues 'chosen', 'rejected', "
+                   "lists of {role, content} messages, or unpaired 'prompt', 'completion', 'label'")  # fmt: skip
     return None
 
 

@@ -179,7 +179,9 @@ def _trained_all(ckpt_dir: Path, cfg: DictConfig, data: Any, tokenizer: Any) -> 
 
 def summary(cfg: DictConfig) -> str:
     """A few lines about the run (the whole resolved config is in config.yaml)."""
-    loss = cfg.loss.name + (f" (beta {cfg.loss.beta})" if "beta" in cfg.loss else "")
+    from dpokit.loss_registry import display_name
+
+    loss = display_name(cfg.loss) + (f" (beta {cfg.loss.beta})" if "beta" in cfg.loss else "")
     length = f"{cfg.n_examples} examples" if cfg.n_examples else f"{cfg.n_epochs} epoch(s)"
     lines = [
         f"model {cfg.model.name_or_path}" + (f" from {cfg.model.archive}" if cfg.model.archive else ""),

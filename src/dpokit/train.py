@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dpokit import distributed, tracking
+from dpokit import distributed, loss_registry, tracking
 from dpokit.checkpoint import newest_complete
-from dpokit.config import PREFERENCE_LOSSES
 from dpokit.errors import Interrupted, run_guarded
 from dpokit.launch import launch
 from dpokit.startup import Prepared, build_config, prepare, summary
@@ -85,7 +84,7 @@ def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, wor
         if cfg.model.fused_gelu:
             fuse_gelu(policy)  # the reference, a copy of the policy, gets them too
         reference = None
-        if cfg.loss.name in PREFERENCE_LOSSES:
+        if loss_registry.objective(cfg).needs_reference:  # reference-free losses never build one
             say("building reference model", flush=True)
             reference = copy_as_reference(policy, cfg.model.reference_dtype)
         if cfg.model.archive is not None:

@@ -27,9 +27,8 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from dpokit import losses, progress
+from dpokit import loss_registry, losses, progress
 from dpokit.checkpoint import Checkpointer, CheckpointSettings
-from dpokit.config import PREFERENCE_LOSSES
 from dpokit.data import (
     Prefetched,
     PreparedData,
@@ -40,7 +39,7 @@ from dpokit.data import (
     token_counts,
     train_iterator,
 )
-from dpokit.distributed import FSDP2, Distribution, SingleProcess, configure_tf32
+from dpokit.distributed import FSDP2, Distribution, SingleProcess, configure_tf32, mix_weights
 from dpokit.tracking import Tracker, drop_metrics_after
 
 # in the precomputed reference log-probs' cache key; 2: a half-precision reference keeps its float
@@ -76,6 +75,14 @@ def slice_batch(batch: dict, index: int, n_slices: int) -> dict:
     the lookup of precomputed log-probs) then never waits for the device."""
     size = len(next(iter(batch.values()))) // n_slices
     return {k: v[index * size : (index + 1) * size] for k, v in batch.items()}
+
+
+def nll_scale_of(batch: dict) -> float:
+    """Examples per chosen response token of a (whole) batch: an example's summed NLL times this
+    averages, over the batch, to the per-token mean NLL, whatever the micro-batches, length
+    groups and processes the batch is split into."""
+    labels = batch["chosen_labels"]
+    return labels.shape[0] / max(int((labels[:, 1:] != -100).sum()), 1)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -197,7 +204,7 @@ class BasicTrainer:
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         if self.device.type == "cuda":  # the peaks logged are this run's (another may have run in this process)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.is_preference = config.loss.name in PREFERENCE_LOSSES
+        self.objective = loss_registry.objective(config)
         cache_dir = cache_dir_for(list(config.local_dirs))
         if tokenizer is None:
             from dpokit.models import load_tokenizer
@@ -224,6 +231,10 @@ class BasicTrainer:
             f"Loaded {len(data.train)} train prompts and {len(self.eval_batches)} eval batches "
             f"of size {config.eval_batch_size}"
         )
+        if self.objective.data == "unpaired":
+            note = self.objective.balance_note(data.train_tokens.desirable)
+            if note:
+                self.print(note)
 
         # built after the policy is wrapped: under FSDP it must see the sharded parameters
         self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
@@ -242,6 +253,7 @@ class BasicTrainer:
             run_config=OmegaConf.to_container(config, resolve=True),  # type: ignore[arg-type]
             log=self.print,
             record=lambda stats: self.log(stats),
+            reference=self.reference_model if self.objective.sync is not None else None,
         )
         self.checkpointer.sweep()
         self.tracker = Tracker(run_dir, config, enabled=self.rank == 0)
@@ -282,63 +294,107 @@ class BasicTrainer:
         }
 
     def pair_inputs(self, batch: dict) -> dict:
-        """Chosen and rejected as one batch (one forward instead of two), on the device."""
+        """Chosen and rejected as one batch (one forward instead of two), on the device; with
+        LD-DPO (loss.ld_alpha), each token's weight too."""
         cat = losses.concatenated_inputs(batch)
-        return self.model_inputs(
+        inputs = self.model_inputs(
             cat["concatenated_input_ids"], cat["concatenated_attention_mask"], cat["concatenated_labels"]
         )
+        if self.objective.ld_alpha is not None:
+            weights = losses.ld_token_weights(batch["chosen_labels"], batch["rejected_labels"], self.objective.ld_alpha)
+            inputs["token_weights"] = to_device(weights, self.device)
+        return inputs
 
-    def sequence_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        """log p(labelled tokens) of each sequence of `model_inputs`."""
+    def token_logps(self, model: nn.Module, inputs: dict, aligned: bool = False) -> tuple[torch.Tensor, Any]:
+        """log p(labelled token) at each position of each sequence of `model_inputs` (rows,
+        seq - 1); aligned: also WPO's log p - log sum p^2 at each position (else None)."""
         labels, positions = inputs["labels"], inputs["positions"]
         # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
         # under activation checkpointing
         with self.autocast(), losses.logits_where_predicted(model, labels, positions):
             out = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        return losses.batch_logps(out.logits, labels, positions=positions)
+        per_token = losses.token_logps(out.logits, labels, positions=positions)
+        if not aligned:
+            return per_token, None
+        return per_token, per_token.detach() - losses.token_log_sum_sq_probs(out.logits, labels, positions)
+
+    def sequence_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """log p(labelled tokens) of each sequence of `model_inputs`."""
+        return self.token_logps(model, inputs)[0].sum(-1)
+
+    def reduced_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """The sequence log-probs of `model_inputs` as the loss reads them: summed, or
+        LD-weighted or length-averaged where the loss says so."""
+        per_token, _ = self.token_logps(model, inputs)
+        return self.objective.reduce(per_token, inputs["labels"], inputs.get("token_weights"))
 
     def concatenated_forward(
         self, model: nn.Module, batch: dict, inputs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected log-probs through the model as one batch (`inputs`: the batch's
         `pair_inputs`, when another model has read them already)."""
-        logps = self.sequence_logps(model, inputs if inputs is not None else self.pair_inputs(batch))
+        logps = self.reduced_logps(model, inputs if inputs is not None else self.pair_inputs(batch))
         n = batch["chosen_input_ids"].shape[0]
         return logps[:n], logps[n:]
 
     def get_batch_metrics(
-        self, batch: dict, loss_config: DictConfig, train: bool = True
+        self,
+        batch: dict,
+        loss_config: DictConfig,
+        train: bool = True,
+        nll_scale: float | None = None,
+        kl: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of this process's part of a batch, and its metrics, one value per example,
-        still on the device (`gather_metrics` brings a whole step's to the host at once)."""
+        still on the device (`gather_metrics` brings a whole step's to the host at once).
+        `loss_config` is the one the trainer's objective was built from (the reference's
+        signature). What the whole batch this part belongs to decides: nll_scale, its examples
+        per chosen response token (`nll_scale_of`), for losses with an NLL term; kl, KTO's KL
+        estimate (`kl_estimate`). None: this part's own."""
         split = "train" if train else "eval"
-        metrics = {}
-        if self.is_preference:
-            inputs = self.pair_inputs(batch)
-            chosen_logps, rejected_logps = self.concatenated_forward(self.policy, batch, inputs)
-            ref_chosen, ref_rejected = self.reference_logps(batch, split, inputs)
-            loss_kwargs = {"beta": loss_config.beta, "ipo": loss_config.name == "ipo"}
-            if loss_config.name == "dpo":
-                loss_kwargs.update(
-                    label_smoothing=loss_config.label_smoothing, reference_free=loss_config.reference_free
-                )
-            per_example, chosen_rewards, rejected_rewards = losses.preference_loss(
-                chosen_logps, rejected_logps, ref_chosen, ref_rejected, **loss_kwargs
-            )
-            metrics[f"rewards_{split}/chosen"] = chosen_rewards
-            metrics[f"rewards_{split}/rejected"] = rejected_rewards
-            metrics[f"rewards_{split}/accuracies"] = (chosen_rewards > rejected_rewards).float()
-            metrics[f"rewards_{split}/margins"] = chosen_rewards - rejected_rewards
-            metrics[f"logps_{split}/rejected"] = rejected_logps.detach()
-        else:
+        objective = self.objective
+        if objective.data != "paired":  # one response per row: an SFT target, or a labelled completion
             inputs = self.model_inputs(
                 batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"]
             )
-            chosen_logps = self.sequence_logps(self.policy, inputs)
-            per_example = losses.sft_loss(chosen_logps)
-        metrics[f"logps_{split}/chosen"] = chosen_logps.detach()
-        metrics[f"loss/{split}"] = per_example.detach()
+            per_token, _ = self.token_logps(self.policy, inputs)
+            if objective.data == "sft":
+                per_example, metrics = objective.sft(per_token, split)
+                return per_example.mean(), metrics
+            completion_reference = None
+            if objective.needs_reference:
+                assert self.reference_model is not None
+                with torch.no_grad():
+                    completion_reference = self.reduced_logps(self.reference_model, inputs)
+            kl = kl if kl is not None else self.kl_estimate([batch])
+            desirable = to_device(batch["desirable"], self.device)
+            per_example, metrics = objective.unpaired(
+                per_token, inputs["labels"], completion_reference, desirable, kl, split
+            )
+            return per_example.mean(), metrics
+        inputs = self.pair_inputs(batch)
+        per_token, aligned = self.token_logps(self.policy, inputs, aligned=objective.wpo)
+        reference = self.reference_logps(batch, split, inputs) if objective.needs_reference else None
+        scale = nll_scale if nll_scale is not None else nll_scale_of(batch)
+        per_example, metrics = objective.paired(per_token, inputs, reference, scale, aligned, split)
         return per_example.mean(), metrics
+
+    def kl_estimate(self, parts: list[dict]) -> torch.Tensor:
+        """KTO's z0 for a batch (its parts on this process): the mean over every process's rows
+        of log pi(y'|x) - log ref(y'|x) for the mismatched pairs `kl_*` (each prompt with
+        another row's completion), clamped at 0 and without gradient, as in the paper and TRL.
+        Collective: one gather, whatever the number of parts; stays on the device."""
+        if not self.objective.kl:
+            return torch.zeros((), device=self.device)
+        assert self.reference_model is not None
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum of differences, rows
+        with torch.no_grad():
+            for part in parts:
+                inputs = self.model_inputs(part["kl_input_ids"], part["kl_attention_mask"], part["kl_labels"])
+                diff = self.reduced_logps(self.policy, inputs) - self.reduced_logps(self.reference_model, inputs)
+                total += torch.stack([diff.double().sum(), diff.new_tensor(len(diff), dtype=torch.float64)])
+        every = self.dist.gather(total).view(-1, 2).sum(0)
+        return (every[0] / every[1]).float().clamp(min=0)
 
     def reference_logps(self, batch: dict, split: str, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen reference model's log-probs of chosen and rejected: looked up when they were
@@ -364,7 +420,7 @@ class BasicTrainer:
         key = hashlib.sha256(json.dumps([
             REFERENCE_LOGPS_FORMAT, [state_fingerprint(vars(it.tokenized)) for it in splits.values()],
             reference_weights, cfg.model.reference_dtype, self.device.type, cfg.mixed_precision, cfg.tf32,
-            cfg.model.fused_gelu, cfg.max_length, cfg.max_prompt_length,
+            cfg.model.fused_gelu, cfg.max_length, cfg.max_prompt_length, *self.objective.reference_key(),
         ]).encode()).hexdigest()[:24]  # fmt: skip
         path = Path(cache_dir_for(list(cfg.local_dirs))) / "reference_logps" / f"{key}.pt"
         tables = torch.load(path, weights_only=True) if path.is_file() else {}
@@ -432,11 +488,13 @@ class BasicTrainer:
         for eval_batch in progress.bar(self.eval_batches, desc="Computing eval metrics", enabled=self.rank == 0):
             local = slice_batch(eval_batch, self.rank, self.world_size)
             with torch.no_grad():
-                _, metrics = self.get_batch_metrics(local, self.config.loss, train=False)
+                _, metrics = self.get_batch_metrics(
+                    local, self.config.loss, train=False, nll_scale=nll_scale_of(eval_batch)
+                )
             for k, v in metrics.items():
                 per_example[k].append(v)
         all_metrics, _ = gather_metrics(self.dist, per_example)
-        mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
+        mean_metrics = self.objective.means(all_metrics, "eval")
         if self.config.sample_during_eval and self.config.n_eval_model_samples > 0:
             self.sample()
         self.print(f"eval after {self.example_counter}: {formatted(mean_metrics)}")
@@ -497,11 +555,13 @@ class BasicTrainer:
                 batch_metrics = self.train_step(batch, meanwhile=batches.prefetch)
                 self.batch_counter += 1
                 self.example_counter += cfg.batch_size
+                self.update_reference()
                 batch_metrics["examples_per_second"] = [cfg.batch_size / (time.time() - start)]
                 bar.update(cfg.batch_size)
 
+                loss_state = self.objective.after_step(batch_metrics)
                 if last_log is None or time.time() - last_log > cfg.minimum_log_interval_secs:
-                    mean_metrics = {k: sum(v) / len(v) for k, v in batch_metrics.items()}
+                    mean_metrics = self.objective.means(batch_metrics, "train") | loss_state
                     mean_metrics["counters/examples"] = self.example_counter
                     mean_metrics["counters/updates"] = self.batch_counter
                     bar.set_postfix(loss=f"{mean_metrics['loss/train']:.4g}", refresh=False)
@@ -511,6 +571,15 @@ class BasicTrainer:
                 if self.dist.any(self.stop_requested):  # every process stops after the same step
                     raise StopTraining(self.example_counter)
         self.final_metrics = self.evaluate() if cfg.final_eval else {}
+
+    def update_reference(self) -> None:
+        """TR-DPO (loss.sync_ref_model): every ref_model_sync_steps optimizer steps the reference
+        becomes alpha * policy + (1 - alpha) * reference."""
+        if self.objective.sync is None or self.reference_model is None:
+            return
+        every, alpha = self.objective.sync
+        if self.batch_counter % every == 0:
+            mix_weights(self.reference_model, self.policy, alpha)
 
     def evaluation_due(self, resumed_at: int | None) -> bool:
         """Every eval_every examples (at 0 only with do_first_eval), but not again at the step a
@@ -556,11 +625,17 @@ class BasicTrainer:
         per_example: dict[str, list[torch.Tensor]] = defaultdict(list)
         n_micro = self.config.gradient_accumulation_steps
         tokens = torch.zeros(2, dtype=torch.long)  # real and padded tokens through the policy
-        for micro in range(n_micro):
-            local_micro = slice_batch(slice_batch(batch, micro, n_micro), self.rank, self.world_size)
+        scale = nll_scale_of(batch)  # NLL terms average per token over the whole global batch
+        micro_batches = [
+            slice_batch(slice_batch(batch, m, n_micro), self.rank, self.world_size) for m in range(n_micro)
+        ]
+        kl = self.kl_estimate(micro_batches) if self.objective.data == "unpaired" else None  # of the global batch
+        for local_micro in micro_batches:
             for group, rows in length_groups(local_micro, self.config.length_groups):
                 tokens += token_counts(group)
-                loss, group_metrics = self.get_batch_metrics(group, self.config.loss, train=True)
+                loss, group_metrics = self.get_batch_metrics(
+                    group, self.config.loss, train=True, nll_scale=scale, kl=kl
+                )
                 (loss * rows / len(local_micro["chosen_input_ids"]) / n_micro).backward()
                 for k, v in group_metrics.items():
                     per_example[k].append(v)
@@ -616,6 +691,7 @@ class BasicTrainer:
             "rng": rngs[0],
             "rng_per_process": rngs,
             "data": {"seed": self.seed},
+            "loss": self.objective.state_dict(),
         }
 
     def restore(self, ckpt_dir: str | Path) -> None:
@@ -628,6 +704,7 @@ class BasicTrainer:
             if dropped:
                 self.print(f"metrics.jsonl: dropped {dropped} records logged after {self.example_counter} examples")
         self.batch_counter = int(state["batch_counter"])
+        self.objective.load_state_dict(state.get("loss", {}))
         per_process = state.get("rng_per_process") or []
         # the same number of processes continue each its own random stream; otherwise all take the first's
         self.resumed_rng = per_process[self.rank] if len(per_process) == self.world_size else state["rng"]

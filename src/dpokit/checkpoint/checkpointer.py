@@ -27,6 +27,7 @@ from dpokit.checkpoint.format import (
     CONTRACT_FILES,
     MANIFEST,
     POLICY,
+    REFERENCE,
     TRAINER_STATE,
     CheckpointWriter,
     is_sharded,
@@ -81,9 +82,11 @@ class Checkpointer:
         run_config: dict | None = None,
         log: Callable[[str], None] = print,
         record: Callable[[dict], None] = lambda stats: None,
+        reference: torch.nn.Module | None = None,
     ) -> None:
         self.run_dir, self.settings = Path(run_dir), settings
         self.policy, self.optimizer, self.scheduler = policy, optimizer, scheduler
+        self.reference = reference  # a reference model that training changes (TR-DPO), saved beside the policy
         self.trainer_state, self.dist, self.run_config = trainer_state, dist, run_config
         self.log = log if dist.is_main else (lambda _msg: None)
         self.record = record
@@ -155,6 +158,8 @@ class Checkpointer:
             files[OPTIMIZER] = self.dist.full_optimizer_state_dict(self.policy, self.optimizer)
             files[SCHEDULER] = self.scheduler.state_dict()
             files[TRAINER_STATE] = self.trainer_state()
+            if self.reference is not None:
+                files[REFERENCE] = self.dist.full_state_dict(self.reference)
         return files
 
     def _save_full(self, target: Path, step: int, metrics: dict | None) -> None:
@@ -339,7 +344,10 @@ class Checkpointer:
             self._fence_seconds += time.perf_counter() - start
 
     def _sharded_state(self) -> dict:
-        return self.dist.sharded_state_dict(self.policy, self.optimizer if self.settings.save_optimizer else None)
+        keep = self.settings.save_optimizer
+        return self.dist.sharded_state_dict(
+            self.policy, self.optimizer if keep else None, self.reference if keep else None
+        )
 
     def _changed_by_forward(self) -> Callable[[torch.Tensor], bool]:
         """Whether a tensor is a module buffer, which the next forward may change (e.g. BatchNorm's
@@ -350,6 +358,8 @@ class Checkpointer:
     def _training_storages(self) -> set[tuple]:
         """Where training writes in place: parameters, module buffers, optimizer state."""
         training = [*self.policy.parameters(), *self.policy.buffers()]
+        if self.reference is not None:  # TR-DPO mixes the policy into it after optimizer steps
+            training += list(self.reference.parameters())
         for values in [*self.optimizer.state.values(), *self.optimizer.param_groups]:
             training += [v for v in values.values() if isinstance(v, torch.Tensor)]
         return {_storage(t) for t in training}
@@ -531,18 +541,33 @@ class Checkpointer:
                 f"cannot resume from {ckpt_dir}: it has no {missing[0]} (saved with checkpoint.save_optimizer=false or by "
                 f"another tool); start a new run from its weights with model.archive={ckpt_dir} instead"
             )
+        reference = self.reference
+        if reference is not None and not self._holds_reference(ckpt_dir, manifest):
+            self.log(f"note: {ckpt_dir} holds no reference weights (saved without loss.sync_ref_model); the reference "
+                     f"starts again from the initial weights")  # fmt: skip
+            reference = None
         if is_sharded(manifest):
-            self.dist.load_sharded_state_dict(self.policy, self.optimizer, sharded.reader_path(ckpt_dir))
+            self.dist.load_sharded_state_dict(self.policy, self.optimizer, sharded.reader_path(ckpt_dir), reference)
         else:
-            policy = optimizer = None
+            policy = optimizer = reference_state = None
             if self.dist.is_main:
                 policy = load_payload(ckpt_dir / POLICY)["state"]
                 check_state_dict_fits(self.policy, policy, str(ckpt_dir / POLICY))
                 optimizer = load_payload(ckpt_dir / OPTIMIZER)["state"]
+                if reference is not None:
+                    reference_state = load_payload(ckpt_dir / REFERENCE)["state"]
             self.dist.load_full_state_dict(self.policy, policy)
             self.dist.load_full_optimizer_state_dict(self.policy, self.optimizer, optimizer)
+            if reference is not None:
+                self.dist.load_full_state_dict(reference, reference_state)
         self.scheduler.load_state_dict(load_payload(ckpt_dir / SCHEDULER)["state"])
         return load_payload(ckpt_dir / TRAINER_STATE)["state"]
+
+    @staticmethod
+    def _holds_reference(ckpt_dir: Path, manifest: dict | None) -> bool:
+        if is_sharded(manifest):
+            return "reference" in (manifest or {}).get("sharded_state", [])
+        return REFERENCE in (manifest or {}).get("files", {}) or (ckpt_dir / REFERENCE).is_file()
 
 
 def rewrite_file(

@@ -27,6 +27,7 @@ from dpokit.errors import CheckpointError
 POLICY = "policy.pt"
 CONTRACT_FILES = (POLICY, "optimizer.pt", "scheduler.pt")
 TRAINER_STATE = "trainer_state.pt"
+REFERENCE = "reference.pt"  # TR-DPO (loss.sync_ref_model): the reference model's weights, which training changes
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dpokit-checkpoint"
 MANIFEST_VERSION = 1

@@ -20,6 +20,7 @@ import torch
 from dpokit.checkpoint.format import (
     CONTRACT_FILES,
     POLICY,
+    REFERENCE,
     TRAINER_STATE,
     CheckpointWriter,
     checksum_file,
@@ -83,7 +84,8 @@ def has_optimizer(ckpt_dir: Path) -> bool:
 
 
 def load_full(ckpt_dir: Path) -> dict[str, Any]:
-    """The whole state of a sharded checkpoint in this process's memory: {'model': ..., 'optim': ...}."""
+    """The whole state of a sharded checkpoint in this process's memory: {'model': ..., 'optim': ...}
+    (and 'reference' for TR-DPO)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory(prefix=".consolidate-", dir=ckpt_dir.parent) as tmp:
@@ -116,6 +118,8 @@ def consolidate(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fsync: 
         writer.write(POLICY, step, share_tied(full["model"], manifest.get("tied") or {}), metrics)
         if "optim" in full:
             writer.write(CONTRACT_FILES[1], step, full["optim"], metrics)
+        if "reference" in full:
+            writer.write(REFERENCE, step, share_tied(full["reference"], manifest.get("tied") or {}), metrics)
         for name in (CONTRACT_FILES[2], TRAINER_STATE):
             if (ckpt_dir / name).is_file():
                 writer.write(name, step, load_payload(ckpt_dir / name)["state"], metrics)
