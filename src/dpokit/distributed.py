@@ -375,7 +375,9 @@ class FSDP2:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _shard(self, model: nn.Module, mp_policy: Any = None, checkpointing: bool = False) -> nn.Module:
+    def _shard(
+        self, model: nn.Module, mp_policy: Any = None, checkpointing: bool = False, root_reshards: bool | None = None
+    ) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if self.block_class is None:
@@ -391,6 +393,8 @@ class FSDP2:
         is_unit = (lambda m: _wraps(m, block_class)) if checkpointing else (lambda m: isinstance(m, block_class))
         for module in [m for m in model.modules() if is_unit(m)]:
             fully_shard(module, **kwargs)
+        if root_reshards is not None:
+            kwargs["reshard_after_forward"] = root_reshards
         fully_shard(model, **kwargs)
         return model
 
@@ -404,7 +408,10 @@ class FSDP2:
         return self._shard(model, mp, self.activation_checkpointing)
 
     def wrap_reference(self, model: nn.Module) -> nn.Module:
-        return self._shard(model)
+        # FSDP2 keeps the root's parameters (embeddings, output layer) gathered after a forward,
+        # for the backward that follows; the reference has no backward, so they would stay whole
+        # until the next forward, and TR-DPO's update and a checkpoint would see them gathered
+        return self._shard(model, root_reshards=True)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
