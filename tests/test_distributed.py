@@ -389,6 +389,50 @@ def test_precomputed_reference_log_probs_match_one_process(tmp_path):
         torch.testing.assert_close(two[split], table, rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
+@pytest.mark.parametrize(
+    "loss_args",
+    [["loss=simpo", "loss.beta=2.0"], ["loss=kto", "loss.beta=0.1"]],
+    ids=["simpo (no reference model)", "kto (KL estimate over the global batch)"],
+)
+def test_other_losses_on_two_processes_match_one_process(tmp_path, loss_args):
+    """The loss of each step is one process's within float32 summation order (see the DPO test
+    above); for KTO the mismatched KL rows and their estimate span the whole global batch, so
+    splitting it between processes changes nothing either. SimPO builds no reference model."""
+    args = [*FAST, *loss_args, "lr=1e-3", "n_examples=16", "do_first_eval=false"]
+    result = torchrun(*args, "exp_name=two", f"local_run_dir={tmp_path / 'two'}")
+    one = Path(one_process(*args, "exp_name=one", f"local_run_dir={tmp_path / 'one'}")["run_dir"])
+    a, b = train_losses(tmp_path / "two"), train_losses(one)
+    assert sorted(a) == sorted(b) == [4, 8, 12, 16]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-3), step
+    assert ("building reference model" in result.stdout) == ("loss=kto" in loss_args)
+    if "loss=kto" in loss_args:
+        kl = [m["kl/train"] for m in metrics_log(tmp_path / "two") if "kl/train" in m]
+        kl_one = [m["kl/train"] for m in metrics_log(one) if "kl/train" in m]
+        assert kl == pytest.approx(kl_one, rel=1e-3, abs=1e-6)
+
+
+def test_tr_dpo_reference_is_saved_in_shards_and_resumed_from_them(tmp_path):
+    """TR-DPO's moving reference in both layouts of 2 processes: the sharded checkpoint holds
+    it (consolidate writes the full format's reference.pt, bit for bit), and a run resumed from
+    the shards ends where the uninterrupted one does."""
+    args = [*DPO, "n_examples=16", "loss.sync_ref_model=true", "loss.ref_model_sync_steps=1", "do_first_eval=false"]
+    full, sharded = tmp_path / "full", tmp_path / "sharded"
+    torchrun(*args, "exp_name=f", f"local_run_dir={full}")
+    torchrun(*args, "exp_name=s", f"local_run_dir={sharded}", "checkpoint.format=sharded")
+    result = run_cli_cpu("ckpt", "consolidate", str(sharded / "step-8"), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    reference = lambda d: torch.load(d / "reference.pt", weights_only=True)["state"]  # noqa: E731
+    assert_bitwise_equal(reference(tmp_path / "out"), reference(full / "step-8"))
+    resumed = cut_after(sharded, tmp_path / "resumed", keep="step-8")
+    torchrun(*args, "exp_name=s", f"local_run_dir={resumed}", "checkpoint.format=sharded", f"resume={resumed}")
+    final = tmp_path / "final"
+    for run, out in ((sharded, final / "a"), (resumed, final / "b")):
+        assert run_cli_cpu("ckpt", "consolidate", str(run / "LATEST"), str(out)).returncode == 0
+    assert_bitwise_equal(reference(final / "a"), reference(final / "b"))
+    assert_bitwise_equal(policy(final / "a", "."), policy(final / "b", "."))
+
+
 # ============================================================================================
 # precision, sampling, and bad input
 

@@ -34,7 +34,18 @@ def _interrupted_copy(run_dir: Path, dest: Path, keep: str) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("loss_args", [["loss=sft"], ["loss=dpo", "loss.beta=0.1"]], ids=["sft", "dpo"])
+RESUMED_LOSSES = {
+    "sft": ["loss=sft"],
+    "dpo": ["loss=dpo", "loss.beta=0.1"],
+    # the running mean of past rewards shifts the loss: training state, in the checkpoint
+    "bco_pair": ["loss=bco_pair", "loss.beta=0.1"],
+    # the reference moves during training: its weights are in the checkpoint
+    "tr_dpo": ["loss=dpo", "loss.beta=0.1", "loss.sync_ref_model=true", "loss.ref_model_sync_steps=2"],
+    "kto": ["loss=kto", "loss.beta=0.1"],
+}
+
+
+@pytest.mark.parametrize("loss_args", list(RESUMED_LOSSES.values()), ids=list(RESUMED_LOSSES))
 def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
     common = [
         *FAST,
@@ -71,6 +82,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
     b = torch.load(resumed_dir / "LATEST" / "policy.pt", weights_only=True)
     assert a["step_idx"] == b["step_idx"] == 28
     assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    if "loss.sync_ref_model=true" in loss_args:
+        ra = torch.load(full_dir / "LATEST" / "reference.pt", weights_only=True)["state"]
+        rb = torch.load(resumed_dir / "LATEST" / "reference.pt", weights_only=True)["state"]
+        assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
     oa = torch.load(full_dir / "LATEST" / "optimizer.pt", weights_only=True)["state"]
     ob = torch.load(resumed_dir / "LATEST" / "optimizer.pt", weights_only=True)["state"]
     assert all(torch.equal(oa["state"][i]["exp_avg"], ob["state"][i]["exp_avg"]) for i in oa["state"])
