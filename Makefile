@@ -37,6 +37,8 @@ bench: install
 	$(PY) benchmarks/train_throughput.py --json runs/bench/train_throughput.json
 	$(PY) benchmarks/checkpoint_io.py --json runs/bench/checkpoint_io.json
 	$(PY) benchmarks/peers.py --json runs/bench/peers.json
+	$(PY) benchmarks/peers_losses.py --json runs/bench/peers_losses.json
+	$(PY) benchmarks/learning_losses.py --json runs/bench/learning_losses.json
 	$(PY) benchmarks/compile.py --json runs/bench/compile.json
 	$(PY) benchmarks/distributed.py --json runs/bench/distributed.json
 	@if [ -n "$$DPO_REFERENCE_DIR" ]; then $(PY) benchmarks/reference.py --json runs/bench/reference.json; \

@@ -15,7 +15,8 @@ tokens/s through the policy, the whole process's wall time, its peak RSS (and on
 memory its tensors took), and model FLOP utilisation: 6 x parameters x real tokens (+ 2 x
 parameters x tokens for the reference forward when it runs), attention excluded, against the
 matmul peak of the policy's precision (float32, TF32 or bfloat16) measured in this run on this
-device. --variants and --n-examples make a shorter check (e.g. on a borrowed GPU).
+device. The DPO variants include reference-free losses (SimPO, CPO, ORPO), which build no
+reference model. --variants and --n-examples make a shorter check (e.g. on a borrowed GPU).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ VARIANTS = {
         "precompute + length_groups=4 + length_grouped sampler": [
             "precompute_ref_log_probs=true", "length_groups=4", "sampler=length_grouped"],
         "bf16 autocast": ["mixed_precision=bf16"],
+        # reference-free losses: no reference model, no reference forward
+        "loss=simpo (no reference)": ["loss=simpo", "loss.beta=2.0"],
+        "loss=cpo (no reference)": ["loss=cpo", "loss.beta=0.1"],
+        "loss=orpo (no reference)": ["loss=orpo", "loss.beta=0.1"],
     },
 }  # fmt: skip
 # levers that act on CUDA only
@@ -238,7 +243,8 @@ def main() -> None:
             runs: dict[str, list[dict]] = {v: [] for v in variants}
             for _ in range(args.repeats):  # alternated, so that drift in the machine hits every variant alike
                 for name, extra in variants.items():
-                    runs[name].append(run_once([*common, *loss_args, *extra], root))
+                    own_loss = any(a.startswith("loss=") for a in extra)  # a variant that is another loss
+                    runs[name].append(run_once([*common, *([] if own_loss else loss_args), *extra], root))
                     say_run(f"{loss} {name}", runs[name][-1])
             base = statistics.median(r["examples_per_second"] for r in runs["baseline"])
             collate = collation_ms(w, loss)
@@ -253,7 +259,7 @@ def main() -> None:
             report[loss] = {"collate_ms": collate}
             for name, rs in runs.items():
                 med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-                reference_forward = loss == "dpo" and "precompute" not in name
+                reference_forward = loss == "dpo" and "precompute" not in name and "no reference" not in name
                 flops = (6 + (2 if reference_forward else 0)) * n_params * med["real_tokens_per_second"]
                 med["mfu"] = flops / peaks[precision_of(variants[name], device)]
                 report[loss][name] = med
