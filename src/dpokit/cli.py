@@ -162,9 +162,14 @@ def cmd_consolidate(ckpt: Path, out_dir: Path) -> int:
     return 0
 
 
-def cmd_export(ckpt: Path, out_dir: Path, model_name: str | None, force: bool) -> int:
-    from dpokit.export import export_hf
+def cmd_export(ckpt: Path, out_dir: Path, model_name: str | None, force: bool, adapter: bool = False) -> int:
+    from dpokit.export import export_adapter, export_hf
 
+    if adapter:
+        export_adapter(ckpt, out_dir, force)
+        print(f"exported the LoRA adapter of {ckpt} to {out_dir} (load it with "
+              f"PeftModel.from_pretrained(base, '{out_dir}'), base: the weights the run started from)")  # fmt: skip
+        return 0
     export_hf(ckpt, out_dir, model_name, force)
     print(f"exported {ckpt} to {out_dir} (load it with AutoModelForCausalLM.from_pretrained('{out_dir}'))")
     return 0
@@ -191,6 +196,7 @@ def _ckpt_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--model", default=None, help="base model (name or path); default: the run's config.yaml")
     p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--adapter", action="store_true", help="a LoRA run: write PEFT's adapter directory alone")
     p = sub.add_parser("consolidate", help="turn a sharded checkpoint into policy.pt, optimizer.pt, scheduler.pt")
     p.add_argument("ckpt", type=Path, help="sharded checkpoint directory (or a run directory: its newest)")
     p.add_argument("out_dir", type=Path, help="new directory to write (must not exist)")
@@ -203,7 +209,7 @@ def ckpt_main(argv: list[str]) -> int:
         "show": lambda: cmd_show(args.path),
         "verify": lambda: cmd_verify(args.path),
         "diff": lambda: cmd_diff(args.a, args.b, args.tolerance),
-        "export": lambda: cmd_export(args.ckpt, args.out_dir, args.model, args.force),
+        "export": lambda: cmd_export(args.ckpt, args.out_dir, args.model, args.force, args.adapter),
         "consolidate": lambda: cmd_consolidate(args.ckpt, args.out_dir),
     }
     return run_guarded(commands[args.command], args.traceback)
@@ -258,7 +264,7 @@ commands:
   ckpt show PATH          step, metrics, files, sizes, parameters of a checkpoint
   ckpt verify PATH        check a checkpoint (or every checkpoint of a run directory)
   ckpt diff A B           compare the policy tensors of two checkpoints
-  ckpt export CKPT OUT    export the policy to a Hugging Face model directory
+  ckpt export CKPT OUT    export the policy to a Hugging Face model directory (--adapter: a LoRA run's adapter)
   ckpt consolidate DIR OUT   turn a sharded checkpoint into the three-file one
   runs [DIR]              the runs under DIR: status, examples, losses, reward accuracy, checkpoints
   plot RUN_DIR ... [-o F] loss, reward accuracy and margin, log-probs against examples, one line per run

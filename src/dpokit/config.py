@@ -124,6 +124,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = _doc(
+        "train LoRA adapters (PEFT) instead of every weight; the reference is the policy with its adapters off "
+        "(no second copy of the model)",
+        False,
+    )
+    r: int = _doc("the adapters' rank", 16)
+    alpha: float = _doc("LoRA's alpha: the adapters' output is scaled by alpha / r", 32.0)
+    dropout: float = _doc("dropout on the adapters' input", 0.0)
+    target_modules: Optional[list[str]] = _doc(
+        "names of the layers to adapt (e.g. [c_attn,c_proj] for GPT-2, [q_proj,v_proj] for Llama); null: PEFT's "
+        "default for the architecture, else every linear layer but the output layer",
+        None,
+    )
+    modules_to_save: Optional[list[str]] = _doc(
+        "modules trained in full beside the adapters (e.g. [lm_head]); null: none", None
+    )
+
+
+@dataclass
 class Config:
     seed: int = _doc("random seed for initialisation and data order", 0)
     exp_name: str = _doc(
@@ -191,6 +211,7 @@ class Config:
     )
     resume_force: bool = _doc("resume even if model, loss or batch size differ from the saved run's config", False)
     checkpoint: CheckpointConfig = _doc("checkpoint durability and retention", factory=CheckpointConfig)
+    lora: LoraConfig = _doc("LoRA adapters through PEFT", factory=LoraConfig)
     model: Any = _doc("model config group: tiny, blank_model, gpt2-large, pythia28, ... (model=NAME)", None)
     loss: Any = _doc("loss config group (loss=NAME or loss=[A,B,...]; the losses are listed below)", None)
 
@@ -385,6 +406,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if cfg.sampler not in ("random", "length_grouped"):
         raise ConfigError(f"config key 'sampler' must be random or length_grouped, got '{cfg.sampler}'")
     loss_registry.validate(cfg)
+    validate_lora(cfg)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"config key 'device' must be auto, cpu or cuda, got '{cfg.device}'")
     for key, allowed in (("data.on_bad_row", ("auto", "error", "skip")), ("checkpoint.on_interrupt", ("stop", "save"))):
@@ -558,3 +580,32 @@ def help_text() -> str:
     for key, default, text in rows:
         lines.append(f"  {key.ljust(width)}  ({default}) {text}")
     return "\n".join([*lines, "", *loss_registry.help_lines()])
+
+
+def validate_lora(cfg: DictConfig) -> None:
+    """LoRA's keys, and what it cannot serve yet; each in one sentence before any model is built."""
+    lo = cfg.lora
+    if not lo.enabled:
+        return
+    from dpokit import lora
+
+    lora.require_peft()
+    if lo.r <= 0:
+        raise ConfigError(f"config key 'lora.r' must be > 0, got {lo.r}")
+    if lo.alpha <= 0:
+        raise ConfigError(f"config key 'lora.alpha' must be > 0, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout}")
+    if cfg.trainer != "BasicTrainer":
+        raise ConfigError(
+            f"config key 'lora.enabled' works with trainer=BasicTrainer only in this version, not {cfg.trainer}"
+        )
+    for key, active, why in (
+        ("checkpoint.format", cfg.checkpoint.format != "full", "LoRA runs save the full format only in this version"),
+        ("activation_checkpointing", cfg.activation_checkpointing,
+         "its block wrappers hide the adapters from PEFT's state dict in this version"),
+        ("loss.sync_ref_model", bool(cfg.loss.get("sync_ref_model")),
+         "TR-DPO moves the reference, and a LoRA run's reference is the frozen base model"),
+    ):  # fmt: skip
+        if active:
+            raise ConfigError(f"config key '{key}' cannot be used with lora.enabled=true: {why}")

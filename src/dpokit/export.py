@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,40 @@ def base_model_of(policy_path: Path) -> tuple[str, str | None]:
     return model["name_or_path"], model.get("tokenizer_name_or_path")
 
 
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DpokitError(f"export path {out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise DpokitError(f"export directory {out_dir} exists and is not empty (pass --force to replace it)")
+
+
+def export_adapter(ckpt: Path, out_dir: Path, force: bool = False) -> Path:
+    """Copy a LoRA run's adapter (PEFT's adapter_config.json and adapter_model.safetensors) out of
+    a checkpoint, checked against the manifest's checksums, atomically as export_hf writes."""
+    import shutil
+
+    from dpokit.checkpoint import checksum_file
+    from dpokit.checkpoint.format import manifest_files
+    from dpokit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    ckpt_dir = locate(ckpt, "weights").parent
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force)
+    known = manifest_files(ckpt_dir)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise DpokitError(f"{ckpt_dir} has no LoRA adapter ({name}): it was trained without lora.enabled")
+        if name in known and checksum_file(path) != known[name]["xxh3_64"]:
+            raise DpokitError(f"{path} does not match its checksum in {ckpt_dir / 'manifest.json'}: it was damaged")
+
+    def write(staging: Path) -> None:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copyfile(ckpt_dir / name, staging / Path(name).name)
+
+    return _write_atomically(out_dir, write)
+
+
 def export_hf(ckpt: Path, out_dir: Path, model_name: str | None = None, force: bool = False) -> Path:
     """Build the base model, load the policy weights into it and save_pretrained (safetensors).
 
@@ -35,10 +70,7 @@ def export_hf(ckpt: Path, out_dir: Path, model_name: str | None = None, force: b
     policy_path = locate(ckpt, "weights")
     base, tokenizer_name = (model_name, None) if model_name else base_model_of(policy_path)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DpokitError(f"export path {out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise DpokitError(f"export directory {out_dir} exists and is not empty (pass --force to replace it)")
+    _check_out_dir(out_dir, force)
 
     payload = load_payload(policy_path)
     state = payload["state"]
@@ -49,14 +81,23 @@ def export_hf(ckpt: Path, out_dir: Path, model_name: str | None = None, force: b
     model.load_state_dict(state)
     tokenizer = load_tokenizer(tokenizer_name or base)
 
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    return _write_atomically(out_dir, write)
+
+
+def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write` into a staging directory beside out_dir, then rename it into place: out_dir
+    is either its old content or complete."""
     storage = Storage(out_dir.parent)
     try:
         staging = storage.stage()
     except CheckpointError as err:
         raise DpokitError(f"cannot write export directory {out_dir}: {err}") from None
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        write(staging)
     except OSError as err:
         storage.discard(staging)
         raise DpokitError(f"cannot write export directory {out_dir}: {err.strerror or err}") from None

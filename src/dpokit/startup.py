@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpokit.checkpoint import LATEST, locate, newest_complete, run_config_of
 from dpokit.config import (
+    Config,
     check_writable,
     get_local_dir,
     new_run_dir,
@@ -31,6 +32,12 @@ RESUME_MUST_MATCH = (
     "model.archive",
     "model.policy_dtype",
     "loss",
+    "lora.enabled",  # a run saved before LoRA existed has none of these keys: it had the defaults
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "lora.modules_to_save",
     "batch_size",
     "gradient_accumulation_steps",
     "datasets",
@@ -77,10 +84,12 @@ def build_config(argv: list[str]) -> tuple[DictConfig, Path | None]:
     cfg = parse_args(argv, base=saved)
     if not cfg.resume_force:
         saved_cfg = OmegaConf.create(saved)
+        defaults = OmegaConf.structured(Config)
         differing = [
             key
             for key in RESUME_MUST_MATCH
-            if _plain(OmegaConf.select(cfg, key)) != _plain(OmegaConf.select(saved_cfg, key))
+            if _plain(OmegaConf.select(cfg, key))
+            != _plain(OmegaConf.select(saved_cfg, key, default=OmegaConf.select(defaults, key)))
         ]
         if differing:
             raise ConfigError(
@@ -154,6 +163,11 @@ def prepare(argv: list[str], world_size: int) -> Prepared:
     check_writable(cfg.local_run_dir, "local_dirs" if fresh else "local_run_dir")
     if cfg.model.archive is not None:
         check_archive(cfg.model.archive, cfg.model.name_or_path)
+    if cfg.lora.enabled:  # every name in lora.target_modules is a layer of the model
+        from dpokit import lora
+        from dpokit.models import model_skeleton
+
+        lora.target_modules(model_skeleton(cfg.model.name_or_path), cfg.lora.target_modules)
     name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
     tokenizer = load_tokenizer(name, cache_dir_for(list(cfg.local_dirs)))
     data = prepare_data(cfg, tokenizer, progress=True)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dpokit import distributed, loss_registry, tracking
+from dpokit import distributed, lora, loss_registry, tracking
 from dpokit.checkpoint import newest_complete
 from dpokit.errors import Interrupted, run_guarded
 from dpokit.launch import launch
@@ -83,12 +83,21 @@ def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, wor
         policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, cache_dir, seed=cfg.seed)
         if cfg.model.fused_gelu:
             fuse_gelu(policy)  # the reference, a copy of the policy, gets them too
-        reference = None
-        if loss_registry.objective(cfg).needs_reference:  # reference-free losses never build one
-            say("building reference model", flush=True)
-            reference = copy_as_reference(policy, cfg.model.reference_dtype)
-        if cfg.model.archive is not None:
-            load_archive(cfg.model.archive, [m for m in (policy, reference) if m is not None], log=say)
+        reference: Any = None
+        needs_reference = loss_registry.objective(cfg).needs_reference  # reference-free losses never build one
+        if cfg.lora.enabled:
+            if cfg.model.archive is not None:  # full weights (an SFT run's policy.pt is merged): the adapters' base
+                load_archive(cfg.model.archive, [policy], log=say)
+            policy = lora.apply(policy, cfg.lora, seed=cfg.seed)
+            say(lora.trainable_summary(policy))
+            if needs_reference:  # the same weights with the adapters off: no second copy
+                reference = lora.AdapterOff(policy)
+        else:
+            if needs_reference:
+                say("building reference model", flush=True)
+                reference = copy_as_reference(policy, cfg.model.reference_dtype)
+            if cfg.model.archive is not None:
+                load_archive(cfg.model.archive, [m for m in (policy, reference) if m is not None], log=say)
         trainer = TRAINERS[cfg.trainer](
             policy, cfg, cfg.seed, str(run_dir), reference_model=reference, rank=rank, world_size=world_size,
             tokenizer=tokenizer, data=data,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch.distributed.tensor import DTensor
 
+from dpokit import lora
 from dpokit.checkpoint import sharded
 from dpokit.checkpoint.discovery import step_dir_name
 from dpokit.checkpoint.format import (
@@ -153,7 +154,10 @@ class Checkpointer:
     def _collect(self) -> dict[str, Any]:
         """The state to save, one entry per file. Collecting is collective (FSDP gathers shards);
         only the main process holds the result."""
-        files = {POLICY: self.dist.full_state_dict(self.policy)}
+        if lora.is_lora(self.policy):  # the merged weights under the model's own names, and PEFT's adapter files
+            files = {POLICY: lora.base_state_dict(self.policy), **lora.adapter_files(self.policy)}
+        else:
+            files = {POLICY: self.dist.full_state_dict(self.policy)}
         if self.settings.save_optimizer:
             files[OPTIMIZER] = self.dist.full_optimizer_state_dict(self.policy, self.optimizer)
             files[SCHEDULER] = self.scheduler.state_dict()
@@ -550,13 +554,18 @@ class Checkpointer:
             self.dist.load_sharded_state_dict(self.policy, self.optimizer, sharded.reader_path(ckpt_dir), reference)
         else:
             policy = optimizer = reference_state = None
+            adapted = lora.is_lora(self.policy)  # the base is the run's start; the adapter is what trained
             if self.dist.is_main:
-                policy = load_payload(ckpt_dir / POLICY)["state"]
-                check_state_dict_fits(self.policy, policy, str(ckpt_dir / POLICY))
+                if not adapted:
+                    policy = load_payload(ckpt_dir / POLICY)["state"]
+                    check_state_dict_fits(self.policy, policy, str(ckpt_dir / POLICY))
                 optimizer = load_payload(ckpt_dir / OPTIMIZER)["state"]
                 if reference is not None:
                     reference_state = load_payload(ckpt_dir / REFERENCE)["state"]
-            self.dist.load_full_state_dict(self.policy, policy)
+            if adapted:
+                lora.load_adapter(self.policy, ckpt_dir)
+            else:
+                self.dist.load_full_state_dict(self.policy, policy)
             self.dist.load_full_optimizer_state_dict(self.policy, self.optimizer, optimizer)
             if reference is not None:
                 self.dist.load_full_state_dict(reference, reference_state)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dpokit.checkpoint.storage import FileRecord, atomic_write, atomic_write_bytes, os_failure
+from dpokit.checkpoint.storage import FileRecord, atomic_write, atomic_write_bytes, fsync_dir, os_failure
 from dpokit.errors import CheckpointError
 
 POLICY = "policy.pt"
@@ -196,7 +196,23 @@ class CheckpointWriter:
         self.records: dict[str, FileRecord] = {}
 
     def write(self, filename: str, step: int, state: Any, metrics: dict | None) -> None:
-        self.records[filename] = write_payload(self.directory / filename, step, state, metrics, self.fsync)
+        """A contract-style torch file; or, by its suffix, a `.json` text or a `.safetensors`
+        file of a dict of tensors (PEFT's adapter directory), possibly in a subdirectory."""
+        path = self.directory / filename
+        if path.suffix not in (".json", ".safetensors"):
+            self.records[filename] = write_payload(path, step, state, metrics, self.fsync)
+            return
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+            if self.fsync:
+                fsync_dir(path.parent.parent)
+        if path.suffix == ".json":
+            data = state.encode()
+        else:
+            from safetensors.torch import save
+
+            data = save({k: v.contiguous() for k, v in on_cpu(state).items()}, metadata={"format": "pt"})
+        self.records[filename] = atomic_write_bytes(path, data, self.fsync)
 
     def record(self, filename: str, record: FileRecord) -> None:
         """A file that someone else wrote into the directory (a shard, a hard link)."""

@@ -1,0 +1,218 @@
+"""LoRA through PEFT: the policy gets adapters, the reference is the same model with them
+switched off, and checkpoints hold both the merged weights (the reference's contract) and the
+adapter in PEFT's own format.
+
+Only this module imports peft (an optional dependency: `pip install dpokit[lora]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dpokit.errors import CheckpointError, ConfigError
+
+ADAPTER_DIR = "adapter"  # inside each checkpoint directory: PeftModel.from_pretrained(base, DIR/adapter)
+ADAPTER_CONFIG = f"{ADAPTER_DIR}/adapter_config.json"  # PEFT's file names
+ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/adapter_model.safetensors"
+ADAPTER_NAME = "default"
+
+
+def require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "config key 'lora.enabled' needs the peft package, which is not installed: pip install 'dpokit[lora]' "
+            "(or pip install peft)"
+        ) from None
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """The distinct last name parts of the layers LoRA can adapt (nn.Linear and GPT-2's Conv1D),
+    the output layer excluded, as `lora.target_modules` names them."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output
+    }
+    return sorted(names)
+
+
+def _matches(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)  # PEFT's rule for a list of names
+
+
+def target_modules(model: nn.Module, wanted: list[str] | None) -> list[str] | str:
+    """What to adapt: the names given (each must match a layer), else PEFT's default for the
+    model's architecture, else every linear layer ('all-linear')."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if wanted:
+        from transformers.pytorch_utils import Conv1D
+
+        adaptable = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d)  # layer types PEFT's LoRA wraps
+        layers = [name for name, m in model.named_modules() if isinstance(m, adaptable)]
+        unknown = [t for t in wanted if not any(_matches(n, t) for n in layers)]
+        if unknown:
+            raise ConfigError(
+                f"config key 'lora.target_modules' names {unknown[0]!r}, which matches no layer of this model LoRA "
+                f"can adapt; its linear layers are: {', '.join(linear_layer_names(model))}"
+            )
+        return list(wanted)
+    default = DEFAULTS.get(getattr(model.config, "model_type", ""))
+    return list(default) if default else "all-linear"
+
+
+def apply(model: nn.Module, cfg: Any, seed: int = 0) -> nn.Module:
+    """`model` with LoRA adapters (config group `lora`), initialised from `seed` (the same seed,
+    the same adapters); only the adapters (and lora.modules_to_save) are trainable."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = target_modules(model, list(cfg.target_modules) if cfg.target_modules else None)
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 stores weights transposed
+    config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        modules_to_save=list(cfg.modules_to_save) if cfg.modules_to_save else None,
+        fan_in_fan_out=conv1d,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
+
+
+# --------------------------------------------------------------------------------------------
+# the reference: the policy with its adapters off
+
+
+class AdapterOff(nn.Module):
+    """The reference model of a LoRA run: the policy's own weights with the adapters disabled
+    (PEFT's `disable_adapter()`), in eval mode and without gradient. No second copy of the
+    weights exists; the policy is held outside the module tree, so `.eval()`, `.to()` or
+    `.parameters()` on the reference never reach it."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self._policy: list[Any] = [policy]
+
+    @property
+    def policy(self) -> Any:
+        return self._policy[0]
+
+    @contextlib.contextmanager
+    def _off(self) -> Iterator[Any]:
+        policy = self.policy
+        was_training = policy.training
+        policy.eval()
+        try:
+            with torch.no_grad(), policy.disable_adapter():
+                yield policy
+        finally:
+            policy.train(was_training)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._off() as policy:
+            return policy(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        with self._off() as policy:
+            return policy.generate(*args, **kwargs)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.policy.get_output_embeddings()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
+        """The base weights, as a reference model built as a copy would have them (what
+        precomputed reference log-probs are keyed by)."""
+        return base_state_dict(self.policy, merged=False)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _own_name(name: str) -> str | None:
+    """A PEFT model's state-dict key as the wrapped model names it; None for adapter entries
+    and for the frozen originals that lora.modules_to_save trains a copy of."""
+    name = name.removeprefix("base_model.model.")
+    if ".lora_" in name or ".original_module." in name:
+        return None
+    return name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
+
+
+def base_state_dict(model: Any, merged: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict of the wrapped model under its own parameter names: with merged, each
+    adapted weight is W + (the adapter's delta), the same numbers PEFT's merge_and_unload
+    writes, without changing the model; without, the base weights W."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, torch.Tensor] = {}
+    if merged:
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+                key = _own_name(f"{name}.base_layer.weight")
+                assert key is not None
+                deltas[key] = module.get_delta_weight(ADAPTER_NAME)  # type: ignore[attr-defined]
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = _own_name(name)
+        if key is None:
+            continue
+        tensor = tensor.detach()
+        state[key] = (tensor + deltas[key].to(tensor.dtype)) if key in deltas else tensor
+    return state
+
+
+def adapter_files(model: Any) -> dict[str, Any]:
+    """PEFT's own adapter directory, as checkpoint files: adapter_config.json (text) and
+    adapter_model.safetensors (its tensors), as `save_pretrained` writes them."""
+    from peft import get_peft_model_state_dict
+
+    config = model.peft_config[ADAPTER_NAME]
+    as_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    as_dict["inference_mode"] = True
+    weights = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
+    return {ADAPTER_CONFIG: json.dumps(as_dict, indent=2, sort_keys=True, default=str), ADAPTER_WEIGHTS: weights}
+
+
+def load_adapter(model: nn.Module, ckpt_dir: Path) -> None:
+    """Restore the adapter weights of a checkpoint (bit for bit: safetensors stores them as
+    they were)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(
+            f"cannot resume a LoRA run from {ckpt_dir}: it has no {ADAPTER_WEIGHTS} (saved without lora.enabled); "
+            f"start a new run from its weights with model.archive={ckpt_dir} instead"
+        )
+    state = load_file(str(path))
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(f"{path} holds adapter weights this model does not have (e.g. {unexpected[0]})")
