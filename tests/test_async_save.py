@@ -68,10 +68,11 @@ def test_next_step_waits_for_the_background_copy(tmp_path, monkeypatch, device):
     assert all(buffer.is_pinned() == (device == "cuda") for buffer in ck._buffers.values())
 
 
-def test_background_saves_equal_synchronous_saves_bit_for_bit(train):
+@pytest.mark.parametrize("extra", [[], ["lora.enabled=true", "lora.r=4"]], ids=["full", "lora"])
+def test_background_saves_equal_synchronous_saves_bit_for_bit(train, extra):
     # on the CPU everywhere: two CUDA runs of the same training need not repeat bit for bit
     args = ["batch_size=4", "n_examples=24", "eval_every=8", "optimizer=AdamW", "loss=dpo", "loss.beta=0.1",
-            "device=cpu"]  # fmt: skip
+            "device=cpu", *extra]  # fmt: skip
     sync = Path(train(*args, exp_name="sync")["run_dir"])
     background = Path(train(*args, "checkpoint.async=true", exp_name="async")["run_dir"])
     for name in ("step-8", "step-16", "LATEST"):
@@ -82,6 +83,9 @@ def test_background_saves_equal_synchronous_saves_bit_for_bit(train):
             assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), (
                 f"{name}/{filename} differs"
             )
+        if extra:  # PEFT's adapter files too
+            for filename in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+                assert (sync / name / filename).read_bytes() == (background / name / filename).read_bytes()
     stalls = [r["checkpoint/stall_seconds"] for r in metrics_log(background) if "checkpoint/stall_seconds" in r]
     assert len(stalls) == 3 and all(s >= 0 for s in stalls)
     # tied weights stay one tensor in the file, as in a synchronous save (not two copies)

@@ -42,6 +42,8 @@ RESUMED_LOSSES = {
     # the reference moves during training: its weights are in the checkpoint
     "tr_dpo": ["loss=dpo", "loss.beta=0.1", "loss.sync_ref_model=true", "loss.ref_model_sync_steps=2"],
     "kto": ["loss=kto", "loss.beta=0.1"],
+    # LoRA: the adapter comes back from PEFT's safetensors file, the base from the run's start
+    "lora_dpo": ["loss=dpo", "loss.beta=0.1", "lora.enabled=true", "lora.r=4", "lora.target_modules=[c_attn,c_fc]"],
 }
 
 
@@ -82,6 +84,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
     b = torch.load(resumed_dir / "LATEST" / "policy.pt", weights_only=True)
     assert a["step_idx"] == b["step_idx"] == 28
     assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    if "lora.enabled=true" in loss_args:
+        assert (resumed_dir / "LATEST" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+            full_dir / "LATEST" / "adapter" / "adapter_model.safetensors"
+        ).read_bytes()
     if "loss.sync_ref_model=true" in loss_args:
         ra = torch.load(full_dir / "LATEST" / "reference.pt", weights_only=True)["state"]
         rb = torch.load(resumed_dir / "LATEST" / "reference.pt", weights_only=True)["state"]

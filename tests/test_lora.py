@@ -1,0 +1,190 @@
+"""LoRA through PEFT: adapters on the policy, the reference as the same model with them off,
+merged policy.pt plus PEFT's adapter directory in every checkpoint, SFT -> DPO, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, metrics_log, run_cli
+from dpokit import lora
+from dpokit.errors import ConfigError
+from dpokit.models import load_model
+
+SHORT = ["batch_size=4", "n_examples=8", "eval_every=4", "n_eval_examples=8"]
+LORA = ["lora.enabled=true", "lora.r=4"]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A Llama built from a config: rotary positions, separate q/k/v/o and gated MLP projections."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def models() -> dict[str, torch.nn.Module]:
+    return {"gpt2": load_model("tiny").eval(), "llama": tiny_llama()}
+
+
+def with_trained_adapters(model: torch.nn.Module, targets: list[str] | None = None) -> torch.nn.Module:
+    """The model with LoRA adapters whose B is not zero (as after training), so they change the output."""
+    cfg = type("C", (), {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": targets, "modules_to_save": None})
+    peft_model = lora.apply(model, cfg, seed=1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return peft_model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_adapter_off_reference_is_the_base_model(arch):
+    base = models()[arch]
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = base(ids).logits
+    peft_model = with_trained_adapters(copy.deepcopy(base))
+    peft_model.train()
+    assert not torch.equal(peft_model(ids).logits, expected)  # the adapters do change the output
+    reference = lora.AdapterOff(peft_model)
+    reference.eval()  # touches nothing of the policy's
+    assert peft_model.training
+    assert torch.equal(reference(ids).logits, expected)
+    assert peft_model.training  # restored after the reference's forward
+    assert list(reference.parameters()) == []  # no weights of its own
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_merged_state_is_what_peft_merges_under_the_models_own_names(arch):
+    base = models()[arch]
+    peft_model = with_trained_adapters(copy.deepcopy(base))
+    merged = lora.base_state_dict(peft_model)
+    assert list(merged) == list(base.state_dict())  # the model's own names, in its order
+    reference = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    assert all(torch.equal(merged[k], reference[k]) for k in reference), "not PEFT's merge"
+    assert lora.base_state_dict(peft_model, merged=False).keys() == merged.keys()
+    unmerged = lora.base_state_dict(peft_model, merged=False)
+    assert all(torch.equal(unmerged[k], v) for k, v in base.state_dict().items())
+
+
+def test_target_modules_default_to_peft_s_choice_and_unknown_names_list_the_layers():
+    gpt2, llama = load_model("tiny"), tiny_llama()
+    assert lora.target_modules(gpt2, None) == ["c_attn"]  # PEFT's default for GPT-2
+    assert set(lora.target_modules(llama, None)) == {"q_proj", "v_proj"}
+    assert lora.target_modules(llama, ["o_proj", "down_proj"]) == ["o_proj", "down_proj"]
+    with pytest.raises(ConfigError, match=r"'lora.target_modules' names 'attn_q'.*c_attn, c_fc, c_proj"):
+        lora.target_modules(gpt2, ["attn_q"])
+
+
+def test_lora_sft_then_lora_dpo_through_the_cli_with_peft_s_adapter_in_every_checkpoint(tmp_path):
+    from peft import PeftModel
+
+    common = [*FAST, *SHORT, *LORA, "lora.target_modules=[c_attn,c_proj]", "sample_during_eval=true",
+              "n_eval_model_samples=4"]  # fmt: skip
+    sft = run_cli("train", *common, "loss=sft", "exp_name=sft", f"local_run_dir={tmp_path / 'sft'}")
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert "LoRA: " in sft.stdout and "trainable parameters of" in sft.stdout
+    dpo = run_cli("train", *common, "loss=dpo", "loss.beta=0.1", f"model.archive={tmp_path / 'sft'}",
+                  "exp_name=dpo", f"local_run_dir={tmp_path / 'dpo'}")  # fmt: skip
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    assert "building reference model" not in dpo.stdout  # the adapter-off policy is the reference
+    for run in ("sft", "dpo"):
+        for ckpt in ("step-4", "LATEST"):
+            d = tmp_path / run / ckpt
+            assert {p.name for p in d.iterdir()} >= {"policy.pt", "optimizer.pt", "scheduler.pt", "adapter"}
+            manifest = json.loads((d / "manifest.json").read_text())
+            assert {lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS} <= set(manifest["files"])
+    verify = run_cli("ckpt", "verify", str(tmp_path / "dpo"))
+    assert verify.returncode == 0 and verify.stdout.count("OK ") == 2, verify.stdout
+
+    # policy.pt: the full merged weights, which a plain model loads (the reference's way); the
+    # adapter: PEFT's own directory over the base it trained on (the SFT result)
+    latest = tmp_path / "dpo" / "LATEST"
+    merged = load_model("tiny", seed=5)
+    merged.load_state_dict(load(latest / "policy.pt")["state"])
+    base = load_model("tiny", seed=5)
+    base.load_state_dict(load(tmp_path / "sft" / "LATEST" / "policy.pt")["state"])
+    adapted = PeftModel.from_pretrained(base, str(latest / "adapter")).eval()
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    # `ckpt export` writes the merged model, or the adapter alone
+    assert run_cli("ckpt", "export", str(latest), str(tmp_path / "hf")).returncode == 0
+    assert run_cli("ckpt", "export", str(latest), str(tmp_path / "ad"), "--adapter").returncode == 0
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    torch.testing.assert_close(exported(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+    base_again = load_model("tiny", seed=6)
+    base_again.load_state_dict(load(tmp_path / "sft" / "LATEST" / "policy.pt")["state"])
+    again = PeftModel.from_pretrained(base_again, str(tmp_path / "ad")).eval()
+    assert torch.equal(again(ids).logits, adapted(ids).logits)
+    # only the adapters trained: optimizer state for them alone
+    optimizer = load(latest / "optimizer.pt")["state"]
+    assert len(optimizer["state"]) == 2 * 3 * 4  # (A, B) x (c_attn, attn.c_proj, mlp.c_proj) x 4 blocks
+    assert any("rewards_eval/accuracies" in m for m in metrics_log(tmp_path / "dpo"))
+
+
+def test_lora_dpo_builds_no_second_model_and_precomputing_changes_nothing(train, monkeypatch):
+    import dpokit.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reference model was built")
+
+    monkeypatch.setattr(dpokit.models, "copy_as_reference", refuse)
+    args = ["loss=dpo", "loss.beta=0.1", *LORA, *SHORT, "minimum_log_interval_secs=0"]
+    live = metrics_log(train(*args, exp_name="live")["run_dir"])
+    pre = metrics_log(train(*args, "precompute_ref_log_probs=true", exp_name="pre")["run_dir"])
+    losses = [[m["loss/train"] for m in log if "loss/train" in m] for log in (live, pre)]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7)
+
+
+def test_the_same_seed_gives_the_same_adapters():
+    cfg = type("C", (), {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None, "modules_to_save": None})
+    a, b = (lora.apply(load_model("tiny"), cfg, seed=3) for _ in range(2))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+BAD = {
+    "r": (["lora.r=0"], r"config key 'lora.r' must be > 0, got 0"),
+    "target": (["lora.target_modules=[attn]"], r"'lora.target_modules' names 'attn', which matches no layer of this model LoRA can adapt"),
+    "trainer": (["trainer=FSDPTrainer"], r"'lora.enabled' works with trainer=BasicTrainer only"),
+    "sharded": (["checkpoint.format=sharded"], r"'checkpoint.format' cannot be used with lora.enabled=true"),
+    "checkpointing": (["activation_checkpointing=true"], r"'activation_checkpointing' cannot be used with lora"),
+    "tr-dpo": (["loss=dpo", "loss.beta=0.1", "loss.sync_ref_model=true"],
+               r"'loss.sync_ref_model' cannot be used with lora.enabled=true"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_lora_input_is_one_sentence_before_any_model_is_built(tmp_path, case, monkeypatch):
+    import dpokit.models
+    from dpokit.train import main
+
+    monkeypatch.setattr(dpokit.models, "load_model", lambda *a, **k: pytest.fail("a model was built"))
+    args, pattern = BAD[case]
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match=pattern) as caught:
+        main([*FAST, "exp_name=bad", f"local_dirs=[{runs}]", "lora.enabled=true", *args])
+    assert "\n" not in str(caught.value)
+    assert not runs.exists()
+
+
+def test_lora_without_peft_says_how_to_install_it(tmp_path, monkeypatch):
+    from dpokit.train import main
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft fails
+    with pytest.raises(ConfigError, match=r"needs the peft package.*pip install 'dpokit\[lora\]'"):
+        main([*FAST, "exp_name=bad", f"local_dirs=[{tmp_path / 'runs'}]", "lora.enabled=true"])
+    assert not (tmp_path / "runs").exists()
