@@ -32,13 +32,14 @@ lock:
 
 # Benchmarks: tables on stdout, JSON in runs/bench/ (peers.py creates .venv-peers with TRL on first use;
 # reference.py, run when DPO_REFERENCE_DIR names a checkout of the reference, creates .venv-reference).
-bench: install
+bench: install-dev
 	mkdir -p runs/bench
 	$(PY) benchmarks/train_throughput.py --json runs/bench/train_throughput.json
 	$(PY) benchmarks/checkpoint_io.py --json runs/bench/checkpoint_io.json
 	$(PY) benchmarks/peers.py --json runs/bench/peers.json
 	$(PY) benchmarks/peers_losses.py --json runs/bench/peers_losses.json
 	$(PY) benchmarks/learning_losses.py --json runs/bench/learning_losses.json
+	$(PY) benchmarks/lora.py --json runs/bench/lora.json
 	$(PY) benchmarks/compile.py --json runs/bench/compile.json
 	$(PY) benchmarks/distributed.py --json runs/bench/distributed.json
 	@if [ -n "$$DPO_REFERENCE_DIR" ]; then $(PY) benchmarks/reference.py --json runs/bench/reference.json; \
