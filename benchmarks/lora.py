@@ -7,7 +7,8 @@ The model is GPT-2's own 124M configuration (12 layers, 768 wide, vocabulary 502
 its config with the bundled tokenizer, so nothing is downloaded. DPO on the bundled HH pairs,
 batch 4, max_length 256, max_prompt_length 128, --n-examples pairs, float32 policy; full
 fine-tuning with its reference model (a copy, float32) against `lora.enabled=true lora.r=16`
-(PEFT's default targets for GPT-2, the reference = the policy with its adapters off). One
+(PEFT's default targets for GPT-2, the reference = the policy with its adapters off), each
+also with activation_checkpointing=true (activations recomputed in backward). One
 checkpoint is saved at the end (`LATEST`: the reference's three files, plus the adapter for
 LoRA); no evaluation. Runs alternate; printed per variant: median examples/s per step (first
 step excluded), the whole process's wall time and peak RSS, the checkpoint's size on disk and
@@ -31,7 +32,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from train_throughput import BIN, timed_process  # noqa: E402
 
-VARIANTS = {"full fine-tuning": [], "LoRA r=16": ["lora.enabled=true", "lora.r=16", "lora.alpha=32"]}
+LORA = ["lora.enabled=true", "lora.r=16", "lora.alpha=32"]
+VARIANTS = {
+    "full fine-tuning": [],
+    "LoRA r=16": LORA,
+    "full + act. ckpt": ["activation_checkpointing=true"],
+    "LoRA + act. ckpt": [*LORA, "activation_checkpointing=true"],
+}
 
 
 def gpt2_124m(root: Path) -> str:
@@ -103,10 +110,11 @@ def main() -> None:
         report[name] = med
         print(f"  {name:20s}{med['trainable']:>14s}{med['examples_per_second']:8.2f}{med['process_seconds']:11.1f}"
               f"{med['peak_rss_mib']:9.0f}Mi{med['checkpoint_mib']:10.0f}Mi{med['save_seconds']:8.2f}")  # fmt: skip
-    full, lo = report["full fine-tuning"], report["LoRA r=16"]
-    print(f"  LoRA / full: peak RSS x{lo['peak_rss_mib'] / full['peak_rss_mib']:.2f}, "
-          f"examples/s x{lo['examples_per_second'] / full['examples_per_second']:.2f}, "
-          f"checkpoint x{lo['checkpoint_mib'] / full['checkpoint_mib']:.2f}")  # fmt: skip
+    for full_name, lora_name in (("full fine-tuning", "LoRA r=16"), ("full + act. ckpt", "LoRA + act. ckpt")):
+        full, lo = report[full_name], report[lora_name]
+        print(f"  {lora_name} / {full_name}: peak RSS x{lo['peak_rss_mib'] / full['peak_rss_mib']:.2f}, "
+              f"examples/s x{lo['examples_per_second'] / full['examples_per_second']:.2f}, "
+              f"checkpoint x{lo['checkpoint_mib'] / full['checkpoint_mib']:.2f}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"parameters": n_params, "variants": report}, indent=1))
 

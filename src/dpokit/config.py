@@ -602,8 +602,6 @@ def validate_lora(cfg: DictConfig) -> None:
         )
     for key, active, why in (
         ("checkpoint.format", cfg.checkpoint.format != "full", "LoRA runs save the full format only in this version"),
-        ("activation_checkpointing", cfg.activation_checkpointing,
-         "its block wrappers hide the adapters from PEFT's state dict in this version"),
         ("loss.sync_ref_model", bool(cfg.loss.get("sync_ref_model")),
          "TR-DPO moves the reference, and a LoRA run's reference is the frozen base model"),
     ):  # fmt: skip

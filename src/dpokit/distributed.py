@@ -166,7 +166,11 @@ class SingleProcess:
 
     def wrap_policy(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
-        if self.activation_checkpointing:
+        if self.activation_checkpointing and hasattr(model, "peft_config"):
+            # a LoRA model: transformers' own checkpointing, which keeps the module names PEFT's
+            # adapter state dict is found by (a wrapper around each block would rename them)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        elif self.activation_checkpointing:
             _wrap_blocks_for_checkpointing(model, find_block_class(model, self.block_name))
         return model
 
