@@ -433,6 +433,37 @@ def test_tr_dpo_reference_is_saved_in_shards_and_resumed_from_them(tmp_path):
     assert_bitwise_equal(policy(final / "a", "."), policy(final / "b", "."))
 
 
+def test_lora_on_two_processes_matches_one_and_resumes_on_one(tmp_path):
+    """FSDP2 over a model whose base weights are frozen: the losses are one process's (within
+    float32 summation order, as above), policy.pt (merged, gathered) loads into a plain model,
+    the adapter into PEFT, and a checkpoint of 2 processes resumes on 1."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from dpokit.models import load_model
+
+    args = [*DPO, "n_examples=16", "lora.enabled=true", "lora.r=4", "do_first_eval=false"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = torchrun(*args, "exp_name=two", f"local_run_dir={two}")
+    assert "building reference model" not in result.stdout
+    one_process(*args, "exp_name=one", f"local_run_dir={one}")
+    a, b = train_losses(two), train_losses(one)
+    assert sorted(a) == sorted(b) == [4, 8, 12, 16]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-3), step
+    merged = load_model("tiny", seed=3)
+    merged.load_state_dict(policy(two))
+    adapted = PeftModel.from_pretrained(load_model("tiny"), str(two / "LATEST" / "adapter")).eval()
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+    resumed = cut_after(two, tmp_path / "resumed", keep="step-8")
+    one_process(f"resume={resumed}", "trainer=BasicTrainer")
+    assert train_losses(resumed)[16] == pytest.approx(a[16], rel=1e-3)
+    x, y = (load_file(str(d / "LATEST" / "adapter" / "adapter_model.safetensors")) for d in (two, resumed))
+    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-3, atol=1e-6) for k in x)
+
+
 # ============================================================================================
 # precision, sampling, and bad input
 

@@ -596,10 +596,6 @@ def validate_lora(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'lora.alpha' must be > 0, got {lo.alpha}")
     if not 0 <= lo.dropout < 1:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout}")
-    if cfg.trainer != "BasicTrainer":
-        raise ConfigError(
-            f"config key 'lora.enabled' works with trainer=BasicTrainer only in this version, not {cfg.trainer}"
-        )
     for key, active, why in (
         ("checkpoint.format", cfg.checkpoint.format != "full", "LoRA runs save the full format only in this version"),
         ("loss.sync_ref_model", bool(cfg.loss.get("sync_ref_model")),

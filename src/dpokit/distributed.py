@@ -118,7 +118,7 @@ class Distribution(Protocol):
     def generate_kwargs(self) -> dict: ...
     def full_state_dict(self, model: nn.Module) -> dict: ...
     def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict: ...
-    def load_full_state_dict(self, model: nn.Module, state: dict | None) -> None: ...
+    def load_full_state_dict(self, model: nn.Module, state: dict | None, strict: bool = True) -> None: ...
     def load_full_optimizer_state_dict(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None
     ) -> None: ...
@@ -207,9 +207,9 @@ class SingleProcess:
     def full_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         return optimizer.state_dict()
 
-    def load_full_state_dict(self, model: nn.Module, state: dict | None) -> None:
+    def load_full_state_dict(self, model: nn.Module, state: dict | None, strict: bool = True) -> None:
         assert state is not None
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
 
     def load_full_optimizer_state_dict(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None
@@ -412,6 +412,8 @@ class FSDP2:
         return self._shard(model, mp, self.activation_checkpointing)
 
     def wrap_reference(self, model: nn.Module) -> nn.Module:
+        if not list(model.parameters()):  # LoRA's adapter-off reference: the policy's own (sharded) weights
+            return model
         # FSDP2 keeps the root's parameters (embeddings, output layer) gathered after a forward,
         # for the backward that follows; the reference has no backward, so they would stay whole
         # until the next forward, and TR-DPO's update and a checkpoint would see them gathered
@@ -458,11 +460,11 @@ class FSDP2:
         return {"synced_gpus": True}
 
     @staticmethod
-    def _full_options(cpu_offload: bool = False, broadcast_from_rank0: bool = False) -> Any:
+    def _full_options(cpu_offload: bool = False, broadcast_from_rank0: bool = False, strict: bool = True) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         return StateDictOptions(
-            full_state_dict=True, cpu_offload=cpu_offload, broadcast_from_rank0=broadcast_from_rank0
+            full_state_dict=True, cpu_offload=cpu_offload, broadcast_from_rank0=broadcast_from_rank0, strict=strict
         )
 
     def full_state_dict(self, model: nn.Module) -> dict:
@@ -476,10 +478,11 @@ class FSDP2:
 
         return get_optimizer_state_dict(model, optimizer, options=self._full_options(cpu_offload=True))
 
-    def load_full_state_dict(self, model: nn.Module, state: dict | None) -> None:
+    def load_full_state_dict(self, model: nn.Module, state: dict | None, strict: bool = True) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(model, state or {}, options=self._full_options(broadcast_from_rank0=True))
+        options = self._full_options(broadcast_from_rank0=True, strict=strict)
+        set_model_state_dict(model, state or {}, options=options)
 
     def load_full_optimizer_state_dict(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None

@@ -164,21 +164,29 @@ def _own_name(name: str) -> str | None:
     return name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
 
 
-def base_state_dict(model: Any, merged: bool = True) -> dict[str, torch.Tensor]:
+def base_state_dict(model: Any, merged: bool = True, full_state: dict | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the wrapped model under its own parameter names: with merged, each
-    adapted weight is W + (the adapter's delta), the same numbers PEFT's merge_and_unload
-    writes, without changing the model; without, the base weights W."""
+    adapted weight is W + (its adapter's delta), the numbers PEFT's merge_and_unload writes,
+    without changing the model; without, the base weights W. full_state: the PEFT model's
+    whole state dict (under FSDP, the one gathered on the main process); default: its own."""
     from peft.tuners.lora import LoraLayer
 
+    state_in = model.state_dict() if full_state is None else full_state
     deltas: dict[str, torch.Tensor] = {}
     if merged:
         for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
-                key = _own_name(f"{name}.base_layer.weight")
-                assert key is not None
-                deltas[key] = module.get_delta_weight(ADAPTER_NAME)  # type: ignore[attr-defined]
+            if not (isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A):
+                continue
+            a = state_in[f"{name}.lora_A.{ADAPTER_NAME}.weight"]
+            b = state_in[f"{name}.lora_B.{ADAPTER_NAME}.weight"]
+            delta = b @ a  # as PEFT's get_delta_weight: transpose(B @ A, fan_in_fan_out) * scaling
+            if getattr(module, "fan_in_fan_out", False):
+                delta = delta.T
+            key = _own_name(f"{name}.base_layer.weight")
+            assert key is not None
+            deltas[key] = delta * module.scaling[ADAPTER_NAME]
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state_in.items():
         key = _own_name(name)
         if key is None:
             continue
@@ -187,7 +195,7 @@ def base_state_dict(model: Any, merged: bool = True) -> dict[str, torch.Tensor]:
     return state
 
 
-def adapter_files(model: Any) -> dict[str, Any]:
+def adapter_files(model: Any, full_state: dict | None = None) -> dict[str, Any]:
     """PEFT's own adapter directory, as checkpoint files: adapter_config.json (text) and
     adapter_model.safetensors (its tensors), as `save_pretrained` writes them."""
     from peft import get_peft_model_state_dict
@@ -195,14 +203,14 @@ def adapter_files(model: Any) -> dict[str, Any]:
     config = model.peft_config[ADAPTER_NAME]
     as_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
     as_dict["inference_mode"] = True
-    weights = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
+    state = get_peft_model_state_dict(model, state_dict=full_state, adapter_name=ADAPTER_NAME)
+    weights = {k: v.detach() for k, v in state.items()}
     return {ADAPTER_CONFIG: json.dumps(as_dict, indent=2, sort_keys=True, default=str), ADAPTER_WEIGHTS: weights}
 
 
-def load_adapter(model: nn.Module, ckpt_dir: Path) -> None:
-    """Restore the adapter weights of a checkpoint (bit for bit: safetensors stores them as
-    they were)."""
-    from peft import set_peft_model_state_dict
+def read_adapter(model: Any, ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's adapter weights under the model's own state-dict names (PEFT's file drops
+    the adapter name from them), as they were saved: safetensors keeps the bits."""
     from safetensors.torch import load_file
 
     path = Path(ckpt_dir) / ADAPTER_WEIGHTS
@@ -211,8 +219,9 @@ def load_adapter(model: nn.Module, ckpt_dir: Path) -> None:
             f"cannot resume a LoRA run from {ckpt_dir}: it has no {ADAPTER_WEIGHTS} (saved without lora.enabled); "
             f"start a new run from its weights with model.archive={ckpt_dir} instead"
         )
-    state = load_file(str(path))
-    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise CheckpointError(f"{path} holds adapter weights this model does not have (e.g. {unexpected[0]})")
+    saved = load_file(str(path))
+    names = {k.replace(f".{ADAPTER_NAME}", ""): k for k in model.state_dict() if f".{ADAPTER_NAME}." in k}
+    unknown = [k for k in saved if k not in names]
+    if unknown:
+        raise CheckpointError(f"{path} holds adapter weights this model does not have (e.g. {unknown[0]})")
+    return {names[k]: v for k, v in saved.items()}

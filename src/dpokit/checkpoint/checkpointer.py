@@ -154,10 +154,14 @@ class Checkpointer:
     def _collect(self) -> dict[str, Any]:
         """The state to save, one entry per file. Collecting is collective (FSDP gathers shards);
         only the main process holds the result."""
-        if lora.is_lora(self.policy):  # the merged weights under the model's own names, and PEFT's adapter files
-            files = {POLICY: lora.base_state_dict(self.policy), **lora.adapter_files(self.policy)}
-        else:
-            files = {POLICY: self.dist.full_state_dict(self.policy)}
+        files = {POLICY: self.dist.full_state_dict(self.policy)}
+        if lora.is_lora(self.policy) and self.dist.is_main:
+            # the merged weights under the model's own names, and PEFT's adapter files
+            full = files[POLICY]
+            files = {
+                POLICY: lora.base_state_dict(self.policy, full_state=full),
+                **lora.adapter_files(self.policy, full),
+            }
         if self.settings.save_optimizer:
             files[OPTIMIZER] = self.dist.full_optimizer_state_dict(self.policy, self.optimizer)
             files[SCHEDULER] = self.scheduler.state_dict()
@@ -562,8 +566,9 @@ class Checkpointer:
                 optimizer = load_payload(ckpt_dir / OPTIMIZER)["state"]
                 if reference is not None:
                     reference_state = load_payload(ckpt_dir / REFERENCE)["state"]
-            if adapted:
-                lora.load_adapter(self.policy, ckpt_dir)
+            if adapted:  # into the adapters alone (under FSDP, sent from the main process to every shard)
+                adapter = lora.read_adapter(self.policy, ckpt_dir) if self.dist.is_main else None
+                self.dist.load_full_state_dict(self.policy, adapter, strict=False)
             else:
                 self.dist.load_full_state_dict(self.policy, policy)
             self.dist.load_full_optimizer_state_dict(self.policy, self.optimizer, optimizer)
