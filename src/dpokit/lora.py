@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,9 @@ def apply(model: nn.Module, cfg: Any, seed: int = 0) -> nn.Module:
         fan_in_fan_out=conv1d,
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 a deprecated question; nothing the user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(model, config)
 
