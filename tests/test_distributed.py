@@ -433,10 +433,11 @@ def test_tr_dpo_reference_is_saved_in_shards_and_resumed_from_them(tmp_path):
     assert_bitwise_equal(policy(final / "a", "."), policy(final / "b", "."))
 
 
-def test_lora_on_two_processes_matches_one_and_resumes_on_one(tmp_path):
+def test_lora_on_two_processes_matches_one_in_both_layouts_and_resumes(tmp_path):
     """FSDP2 over a model whose base weights are frozen: the losses are one process's (within
     float32 summation order, as above), policy.pt (merged, gathered) loads into a plain model,
-    the adapter into PEFT, and a checkpoint of 2 processes resumes on 1."""
+    the adapter into PEFT, a checkpoint of 2 processes resumes on 1, and the sharded layout
+    consolidates to the full one and resumes exactly."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -462,6 +463,21 @@ def test_lora_on_two_processes_matches_one_and_resumes_on_one(tmp_path):
     assert train_losses(resumed)[16] == pytest.approx(a[16], rel=1e-3)
     x, y = (load_file(str(d / "LATEST" / "adapter" / "adapter_model.safetensors")) for d in (two, resumed))
     assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-3, atol=1e-6) for k in x)
+
+    # sharded: the adapters are in the shards; consolidate merges them into the full format's bits
+    sharded = tmp_path / "sharded"
+    torchrun(*args, "exp_name=sh", f"local_run_dir={sharded}", "checkpoint.format=sharded")
+    out = tmp_path / "consolidated"
+    assert run_cli_cpu("ckpt", "consolidate", str(sharded / "LATEST"), str(out)).returncode == 0
+    assert_bitwise_equal(policy(out, "."), policy(two))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / "adapter" / name).read_bytes() == (two / "LATEST" / "adapter" / name).read_bytes()
+    # and a sharded LoRA checkpoint resumes, on the same processes, to the same bits
+    again = cut_after(sharded, tmp_path / "again", keep="step-8")
+    torchrun(f"resume={again}")
+    out_again = tmp_path / "consolidated_again"
+    assert run_cli_cpu("ckpt", "consolidate", str(again / "LATEST"), str(out_again)).returncode == 0
+    assert_bitwise_equal(policy(out_again, "."), policy(out, "."))
 
 
 # ============================================================================================

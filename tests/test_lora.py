@@ -159,7 +159,8 @@ def test_the_same_seed_gives_the_same_adapters():
 BAD = {
     "r": (["lora.r=0"], r"config key 'lora.r' must be > 0, got 0"),
     "target": (["lora.target_modules=[attn]"], r"'lora.target_modules' names 'attn', which matches no layer of this model LoRA can adapt"),
-    "sharded": (["checkpoint.format=sharded"], r"'checkpoint.format' cannot be used with lora.enabled=true"),
+    "sharded": (["checkpoint.format=sharded", "lora.modules_to_save=[lm_head]"],
+                r"'lora.modules_to_save' cannot be used with checkpoint.format=sharded"),
     "tr-dpo": (["loss=dpo", "loss.beta=0.1", "loss.sync_ref_model=true"],
                r"'loss.sync_ref_model' cannot be used with lora.enabled=true"),
 }  # fmt: skip

@@ -596,10 +596,13 @@ def validate_lora(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'lora.alpha' must be > 0, got {lo.alpha}")
     if not 0 <= lo.dropout < 1:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout}")
-    for key, active, why in (
-        ("checkpoint.format", cfg.checkpoint.format != "full", "LoRA runs save the full format only in this version"),
-        ("loss.sync_ref_model", bool(cfg.loss.get("sync_ref_model")),
-         "TR-DPO moves the reference, and a LoRA run's reference is the frozen base model"),
-    ):  # fmt: skip
-        if active:
-            raise ConfigError(f"config key '{key}' cannot be used with lora.enabled=true: {why}")
+    if cfg.loss.get("sync_ref_model"):
+        raise ConfigError(
+            "config key 'loss.sync_ref_model' cannot be used with lora.enabled=true: TR-DPO moves the reference, "
+            "and a LoRA run's reference is the frozen base model"
+        )
+    if cfg.checkpoint.format == "sharded" and lo.modules_to_save:
+        raise ConfigError(
+            "config key 'lora.modules_to_save' cannot be used with checkpoint.format=sharded in this version: "
+            "consolidating a sharded LoRA checkpoint merges adapters only"
+        )

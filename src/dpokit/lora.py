@@ -172,30 +172,45 @@ def base_state_dict(model: Any, merged: bool = True, full_state: dict | None = N
     adapted weight is W + (its adapter's delta), the numbers PEFT's merge_and_unload writes,
     without changing the model; without, the base weights W. full_state: the PEFT model's
     whole state dict (under FSDP, the one gathered on the main process); default: its own."""
-    from peft.tuners.lora import LoraLayer
+    state = model.state_dict() if full_state is None else full_state
+    return merged_state(state, config_dict(model) if merged else None)
 
-    state_in = model.state_dict() if full_state is None else full_state
+
+def config_dict(model: Any) -> dict:
+    """The adapter's LoraConfig as JSON-able values (what adapter_config.json holds)."""
+    config = model.peft_config[ADAPTER_NAME]
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
+def merged_state(state: dict[str, torch.Tensor], config: dict | None) -> dict[str, torch.Tensor]:
+    """From a LoRA model's whole state dict (PEFT's names) and its LoraConfig (`config_dict`;
+    None: leave the adapters out): the wrapped model's state dict with each adapter merged
+    into its weight as PEFT's get_delta_weight computes it, transpose(B @ A, fan_in_fan_out)
+    * scaling, in float32 on the CPU for half-precision weights as PEFT does. Needs no model:
+    `ckpt consolidate` merges a sharded checkpoint's state with it."""
     deltas: dict[str, torch.Tensor] = {}
-    if merged:
-        for name, module in model.named_modules():
-            if not (isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A):
-                continue
-            a = state_in[f"{name}.lora_A.{ADAPTER_NAME}.weight"]
-            b = state_in[f"{name}.lora_B.{ADAPTER_NAME}.weight"]
-            delta = b @ a  # as PEFT's get_delta_weight: transpose(B @ A, fan_in_fan_out) * scaling
-            if getattr(module, "fan_in_fan_out", False):
+    if config is not None:
+        scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+        suffix = f".lora_A.{ADAPTER_NAME}.weight"
+        for key in [k for k in state if k.endswith(suffix)]:
+            layer = key[: -len(suffix)]
+            a, b = state[key], state[f"{layer}.lora_B.{ADAPTER_NAME}.weight"]
+            if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+                a, b = a.float(), b.float()
+            delta = b @ a
+            if config.get("fan_in_fan_out"):
                 delta = delta.T
-            key = _own_name(f"{name}.base_layer.weight")
-            assert key is not None
-            deltas[key] = delta * module.scaling[ADAPTER_NAME]
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in state_in.items():
-        key = _own_name(name)
-        if key is None:
+            own = _own_name(f"{layer}.base_layer.weight")
+            assert own is not None
+            deltas[own] = delta * scale
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        own = _own_name(name)
+        if own is None:
             continue
         tensor = tensor.detach()
-        state[key] = (tensor + deltas[key].to(tensor.dtype)) if key in deltas else tensor
-    return state
+        merged[own] = (tensor + deltas[own].to(tensor.dtype)) if own in deltas else tensor
+    return merged
 
 
 def adapter_files(model: Any, full_state: dict | None = None) -> dict[str, Any]:
@@ -203,12 +218,20 @@ def adapter_files(model: Any, full_state: dict | None = None) -> dict[str, Any]:
     adapter_model.safetensors (its tensors), as `save_pretrained` writes them."""
     from peft import get_peft_model_state_dict
 
-    config = model.peft_config[ADAPTER_NAME]
-    as_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-    as_dict["inference_mode"] = True
     state = get_peft_model_state_dict(model, state_dict=full_state, adapter_name=ADAPTER_NAME)
-    weights = {k: v.detach() for k, v in state.items()}
-    return {ADAPTER_CONFIG: json.dumps(as_dict, indent=2, sort_keys=True, default=str), ADAPTER_WEIGHTS: weights}
+    return adapter_file_contents(config_dict(model), {k: v.detach() for k, v in state.items()})
+
+
+def adapter_file_contents(config: dict, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """adapter_config.json's text and adapter_model.safetensors' tensors, as checkpoint files."""
+    text = json.dumps({**config, "inference_mode": True}, indent=2, sort_keys=True, default=str)
+    return {ADAPTER_CONFIG: text, ADAPTER_WEIGHTS: weights}
+
+
+def adapter_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapters' entries of a LoRA model's whole state dict under the names PEFT's file
+    gives them (the adapter name dropped): for a state read back from shards."""
+    return {k.replace(f".{ADAPTER_NAME}.", "."): v for k, v in state.items() if ".lora_" in k}
 
 
 def read_adapter(model: Any, ckpt_dir: Path) -> dict[str, torch.Tensor]:

@@ -239,7 +239,10 @@ class Checkpointer:
         return {SCHEDULER: self.scheduler.state_dict(), TRAINER_STATE: self.trainer_state()}
 
     def _sharded_layout(self, state: dict) -> dict:
-        return {"layout": "sharded", "sharded_state": sorted(state), "tied": tied_parameters(self.policy)}
+        layout = {"layout": "sharded", "sharded_state": sorted(state), "tied": tied_parameters(self.policy)}
+        if lora.is_lora(self.policy):  # the adapters are in the shards; consolidate merges them with this
+            layout["lora"] = lora.config_dict(self.policy)
+        return layout
 
     def _write_shards(
         self, target: Path, staging: Path, state: dict, group: Any = None

@@ -115,7 +115,15 @@ def consolidate(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fsync: 
     try:
         writer = CheckpointWriter(staging, fsync)
         metrics = manifest.get("metrics") or {}
-        writer.write(POLICY, step, share_tied(full["model"], manifest.get("tied") or {}), metrics)
+        model = share_tied(full["model"], manifest.get("tied") or {})
+        lora_config = manifest.get("lora")
+        if lora_config is not None:  # a LoRA run: the merged weights, and PEFT's adapter files
+            from dpokit import lora
+
+            for name, content in lora.adapter_file_contents(lora_config, lora.adapter_weights(model)).items():
+                writer.write(name, step, content, metrics)
+            model = lora.merged_state(model, lora_config)
+        writer.write(POLICY, step, model, metrics)
         if "optim" in full:
             writer.write(CONTRACT_FILES[1], step, full["optim"], metrics)
         if "reference" in full:
