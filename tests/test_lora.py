@@ -199,3 +199,32 @@ def test_activation_checkpointing_with_lora_changes_no_number(train):
     assert len(losses[0]) == 2 and losses[0] == losses[1]
     weights = [(d / "LATEST" / lora.ADAPTER_WEIGHTS).read_bytes() for d in (plain, checkpointed)]
     assert weights[0] == weights[1] and len(weights[0]) > 10_000  # the adapters are in it
+
+
+def test_lora_sft_then_dpo_on_a_tiny_llama(train, tmp_path):
+    """Rotary positions, separate q/k/v/o projections: PEFT's default targets for Llama
+    (q_proj, v_proj), from a model directory holding only a config and the bundled tokenizer."""
+    import shutil
+    from importlib import resources
+
+    from peft import PeftModel
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "llama"
+    LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+                eos_token_id=0).save_pretrained(model_dir)  # fmt: skip
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(str(resources.files("dpokit") / "assets/tiny" / f)), model_dir / f)
+    model = ["model=blank_model_fp32", f"model.name_or_path={model_dir}", *LORA, *SHORT]
+    sft = Path(train(*model, "loss=sft", exp_name="sft")["run_dir"])
+    dpo = Path(train(*model, "loss=dpo", "loss.beta=0.1", f"model.archive={sft}", exp_name="dpo")["run_dir"])
+    config = json.loads((dpo / "LATEST" / lora.ADAPTER_CONFIG).read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["fan_in_fan_out"] is False
+    base = load_model(str(model_dir), seed=9)
+    base.load_state_dict(load(sft / "LATEST" / "policy.pt")["state"])
+    adapted = PeftModel.from_pretrained(base, str(dpo / "LATEST" / "adapter")).eval()
+    merged = load_model(str(model_dir), seed=9)
+    merged.load_state_dict(load(dpo / "LATEST" / "policy.pt")["state"])
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, rtol=1e-5, atol=1e-5)
