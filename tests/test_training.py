@@ -292,3 +292,32 @@ def test_dpo_without_beta_and_bad_batch_split(tmp_path):
 def test_traceback_only_on_request(tmp_path):
     result = run_cli("train", "loss=dpo", "exp_name=x", env={"DPOKIT_TRACEBACK": "1"})
     assert "Traceback" in result.stderr and "loss.beta" in result.stderr
+
+
+def test_a_small_file_is_evaluated_on_the_test_examples_it_has(train, tmp_path, capsys):
+    """40 conversational rows: dpokit's one-in-ten split leaves fewer test examples than
+    eval_batch_size; they are evaluated as one shorter batch, said once, not refused."""
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+             "chosen": [{"role": "assistant", "content": f"{2 * i}"}],
+             "rejected": [{"role": "assistant", "content": f"{2 * i + 1}"}]} for i in range(40)]  # fmt: skip
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = train("loss=dpo", "loss.beta=0.1", f"datasets=[jsonl:{path}]", "batch_size=4", "n_examples=8",
+                "eval_every=8", "eval_batch_size=8", "n_eval_examples=8")  # fmt: skip
+    note = [line for line in capsys.readouterr().out.splitlines() if "fewer than eval_batch_size=8" in line]
+    assert len(note) == 1 and "each evaluation uses" in note[0], note
+    n_test = int(note[0].split(" has ")[1].split(" examples")[0])
+    assert 1 <= n_test < 8
+    evals = [m for m in metrics_log(out["run_dir"]) if "loss/eval" in m]
+    assert len(evals) == 2 and all(math.isfinite(m["loss/eval"]) for m in evals)  # before the first step, and at 8
+
+
+def test_a_train_split_smaller_than_a_batch_names_the_keys_that_fix_it(train, tmp_path):
+    from dpokit.errors import DataError
+
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}?", "chosen": " a", "rejected": " b"}) + "\n" for i in range(5))
+    )
+    with pytest.raises(DataError, match=r"fewer than one batch of 8; lower batch_size or give more rows"):
+        train("loss=sft", f"datasets=[jsonl:{path}]", "batch_size=8", "eval_batch_size=1")

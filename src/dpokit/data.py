@@ -416,9 +416,12 @@ class BatchIterator:
         n_items = len(tokenized.offsets)
         if n_items < batch_size:
             names = sorted({e.source for e in examples}) or ["(none)"]
+            fix = (
+                "lower batch_size or give more rows" if split == "train" else "give a test file (jsonl:FILE?test=TEST)"
+            )
             raise DataError(
                 f"dataset(s) {', '.join(names)} have {n_items} examples in the {split} split, "
-                f"fewer than one batch of {batch_size}"
+                f"fewer than one batch of {batch_size}; {fix}"
             )
         self.tokenized, self.pad_token_id = tokenized, tokenizer.pad_token_id
         self.batch_size, self.sft_mode, self.seed, self.shuffle = batch_size, sft_mode, seed, shuffle
@@ -612,11 +615,30 @@ def train_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int, skip
     )  # fmt: skip
 
 
-def eval_iterator(cfg: Any, data: PreparedData, tokenizer: Any, seed: int) -> BatchIterator:
-    """The first n_eval_examples of the test split, in the same seeded order every time."""
+def eval_iterator(
+    cfg: Any,
+    data: PreparedData,
+    tokenizer: Any,
+    seed: int,
+    world_size: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> BatchIterator:
+    """The first n_eval_examples of the test split, in the same seeded order every time. A test
+    split smaller than one eval batch (a small file, split by dpokit) is evaluated whole, as one
+    shorter batch (a multiple of the processes, which each take an equal part), said once in
+    `log`; it is refused only when it has fewer examples than that."""
+    n_items = len(data.eval_tokens.offsets)
+    batch_size, n_examples = cfg.eval_batch_size, cfg.n_eval_examples
+    least = max(world_size, 2 if data_mode(cfg) == "unpaired" else 1)  # KTO pairs each row with another's
+    if least <= n_items < batch_size:
+        batch_size = n_examples = n_items - n_items % world_size
+        if log is not None:
+            names = ", ".join(sorted({e.source for e in data.eval}))
+            log(f"note: the test split of {names} has {n_items} examples, fewer than eval_batch_size={cfg.eval_batch_size}: "
+                f"each evaluation uses {batch_size} of them, as one batch")  # fmt: skip
     return BatchIterator(
-        data.eval, **_iterator_settings(cfg, tokenizer, seed), batch_size=cfg.eval_batch_size,
-        n_examples=cfg.n_eval_examples, split="test", tokenized=data.eval_tokens,
+        data.eval, **_iterator_settings(cfg, tokenizer, seed), batch_size=batch_size,
+        n_examples=n_examples, split="test", tokenized=data.eval_tokens,
     )  # fmt: skip
 
 

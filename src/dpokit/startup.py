@@ -172,7 +172,7 @@ def prepare(argv: list[str], world_size: int) -> Prepared:
     tokenizer = load_tokenizer(name, cache_dir_for(list(cfg.local_dirs)))
     data = prepare_data(cfg, tokenizer, progress=True)
     train_iterator(cfg, data, tokenizer, cfg.seed)  # enough examples for a batch, in both splits
-    eval_iterator(cfg, data, tokenizer, cfg.seed)
+    eval_iterator(cfg, data, tokenizer, cfg.seed, world_size, log=print)
 
     finished = resume_dir is not None and resume_dir.name == LATEST and _trained_all(resume_dir, cfg, data, tokenizer)
     save_config(cfg, cfg.local_run_dir)

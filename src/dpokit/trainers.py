@@ -222,7 +222,7 @@ class BasicTrainer:
         if data is None:
             data = prepare_data(config, self.tokenizer, log=self.print, progress=self.rank == 0)
         self.data = data
-        self.eval_batches = list(eval_iterator(config, data, self.tokenizer, seed))
+        self.eval_batches = list(eval_iterator(config, data, self.tokenizer, seed, self.world_size))
         self.precomputed: dict[str, torch.Tensor] | None = None
         if reference_weights is not None:
             self.precomputed = self.precompute_reference_logps(reference_weights)
@@ -416,7 +416,7 @@ class BasicTrainer:
 
         cfg = self.config
         splits = {"train": train_iterator(cfg, self.data, self.tokenizer, self.seed),
-                  "eval": eval_iterator(cfg, self.data, self.tokenizer, self.seed)}  # fmt: skip
+                  "eval": eval_iterator(cfg, self.data, self.tokenizer, self.seed, self.world_size)}  # fmt: skip
         key = hashlib.sha256(json.dumps([
             REFERENCE_LOGPS_FORMAT, [state_fingerprint(vars(it.tokenized)) for it in splits.values()],
             reference_weights, cfg.model.reference_dtype, self.device.type, cfg.mixed_precision, cfg.tf32,
