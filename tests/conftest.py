@@ -66,6 +66,21 @@ def assert_no_further_from_exact(candidate: dict, float32: dict, exact: dict, fa
         assert err <= factor * baseline + 2 * eps * ref.norm().item(), (key, err, baseline)
 
 
+def write_dataset(path: Path, rows: list[dict], fmt: str) -> str:
+    """`rows` as a dataset file in one of the formats dpokit reads; its `datasets=` entry."""
+    import datasets
+
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return f"{fmt}:{path}"
+
+
 def metrics_log(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -3,13 +3,12 @@ format, TR-DPO's moving reference, and the bad input each loss refuses before an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, metrics_log, run_cli
+from conftest import FAST, metrics_log, run_cli, write_dataset
 from dpokit.errors import ConfigError, DataError
 from dpokit.loss_registry import LOSSES
 from dpokit.models import load_model
@@ -99,26 +98,12 @@ def kto_rows(n: int, conversational: bool = False) -> list[dict]:
     return rows
 
 
-def write(path: Path, rows: list[dict], fmt: str) -> str:
-    import datasets
-
-    if fmt == "jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif fmt == "json":
-        path.write_text(json.dumps(rows))
-    elif fmt == "parquet":
-        datasets.Dataset.from_list(rows).to_parquet(str(path))
-    else:
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
-    return f"{fmt}:{path}"
-
-
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "disk"])
 @pytest.mark.parametrize("conversational", [False, True], ids=["strings", "messages"])
 def test_unpaired_rows_are_read_in_every_format(tmp_path, fmt, conversational):
     from dpokit.sources import get_dataset
 
-    spec = write(tmp_path / f"kto.{fmt}", kto_rows(40, conversational), fmt)
+    spec = write_dataset(tmp_path / f"kto.{fmt}", kto_rows(40, conversational), fmt)
     table = {**get_dataset(spec, "train"), **get_dataset(spec, "test")}
     assert len(table) == 40
     entry = next(e for p, e in table.items() if "What is 3 plus 3?" in p)
@@ -127,7 +112,7 @@ def test_unpaired_rows_are_read_in_every_format(tmp_path, fmt, conversational):
 
 
 def test_kto_trains_on_unpaired_conversational_rows(train, tmp_path):
-    spec = write(tmp_path / "kto.jsonl", kto_rows(60, conversational=True), "jsonl")
+    spec = write_dataset(tmp_path / "kto.jsonl", kto_rows(60, conversational=True), "jsonl")
     out = train("loss=kto", "loss.beta=0.1", f"datasets=[{spec}]", *SHORT)
     evals = [m for m in metrics_log(out["run_dir"]) if "kl/eval" in m]
     assert evals and evals[-1]["kl/eval"] >= 0  # the KL estimate is clamped at 0, as in the paper
@@ -172,11 +157,6 @@ def test_tr_dpo_mixes_the_policy_into_the_reference_and_checkpoints_it(train):
 # bad input: one sentence, before any work, nothing on disk
 
 
-def write_rows(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return f"jsonl:{path}"
-
-
 BAD = {
     "unknown loss": (["loss=dpoo"], ConfigError, r"unknown loss 'dpoo'.*choose one of: sft, dpo, ipo, .*simpo.*kto"),
     "key of another loss": (["loss=dpo", "loss.beta=0.1", "loss.simpo_gamma=1.0"], ConfigError,
@@ -207,7 +187,7 @@ def test_bad_loss_input_is_one_sentence_before_any_work(tmp_path, case):
         "onelabel": [{"prompt": f"Q{i}?", "completion": f" A{i}", "label": True} for i in range(40)],
         "kto": kto_rows(40),
     }
-    args = [write_rows(tmp_path / "d.jsonl", data[a[5:]]).join(["datasets=[", "]"]) if a.startswith("DATA:") else a
+    args = [write_dataset(tmp_path / "d.jsonl", data[a[5:]], "jsonl").join(["datasets=[", "]"]) if a.startswith("DATA:") else a
             for a in args]  # fmt: skip
     runs = tmp_path / "runs"
     with pytest.raises(error, match=pattern) as caught:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_dataset
 from dpokit.data import load_examples, tokenize_examples
 from dpokit.errors import DataError
 from dpokit.models import load_tokenizer
@@ -59,26 +60,15 @@ def both_splits(spec: str, **kw) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "disk"])
 def test_each_format_gives_the_same_table(tmp_path, fmt):
-    import datasets
-
-    rows = plain_rows(60)
-    path = tmp_path / f"data.{fmt}"
-    if fmt == "jsonl":
-        write_jsonl(path, rows)
-    elif fmt == "json":
-        path.write_text(json.dumps(rows))
-    elif fmt == "parquet":
-        datasets.Dataset.from_list(rows).to_parquet(str(path))
-    else:
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
-    train, test = both_splits(f"{fmt}:{path}")
+    spec = write_dataset(tmp_path / f"data.{fmt}", plain_rows(60), fmt)
+    train, test = both_splits(spec)
     assert train and test and not set(train) & set(test)
     assert len(train) + len(test) == 60
     assert all(is_test_prompt(p) for p in test) and not any(is_test_prompt(p) for p in train)
     prompt = "Question 7: what is 7 plus 7?"
     entry = (train if prompt in train else test)[prompt]
     assert entry == {"responses": [" 14", " 15"], "pairs": [(0, 1)], "sft_target": " 14"}
-    assert parse_spec(f"{fmt}:{path}").truncation_mode == "keep_start"
+    assert parse_spec(spec).truncation_mode == "keep_start"
 
 
 def test_test_file_and_directory_splits(tmp_path):

@@ -357,8 +357,9 @@ def check_fits_loss(examples: list[Example], mode: str, cfg: Any, split: str) ->
                 f"train loss=kto or apo_zero_unpaired)"
             )
     if mode == "unpaired" and split == "train":
-        labels = {d for ex in examples for d in (*(True for _ in ex.pairs), *(False for _ in ex.pairs),
-                                                 *(d for _, d in ex.unpaired))}  # fmt: skip
+        labels = {d for ex in examples for _, d in ex.unpaired}
+        if any(ex.pairs for ex in examples):  # each pair gives one completion of each label
+            labels |= {True, False}
         if len(labels) == 1:
             which = "desirable (label true)" if True in labels else "undesirable (label false)"
             raise DataError(

@@ -148,7 +148,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-class SingleProcess:
+class ShardedLayout:
+    """The sharded checkpoint's state, the same for one process and many: Distributed
+    Checkpoint's, keyed by parameter name (`_dcp_state`)."""
+
+    def sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, reference: nn.Module | None = None
+    ) -> dict:
+        return _dcp_state(model, optimizer, reference)
+
+    def load_sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reference: nn.Module | None = None
+    ) -> None:
+        _dcp_load(model, optimizer, path, reference)
+
+
+class SingleProcess(ShardedLayout):
     """One process: CPU or one CUDA device. Checkpoint state is the models' and optimizer's
     own `state_dict()`, exactly what the reference's BasicTrainer writes."""
 
@@ -216,16 +231,6 @@ class SingleProcess:
     ) -> None:
         assert state is not None
         optimizer.load_state_dict(optimizer_state_by_index(state, parameter_names(model)))
-
-    def sharded_state_dict(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, reference: nn.Module | None = None
-    ) -> dict:
-        return _dcp_state(model, optimizer, reference)
-
-    def load_sharded_state_dict(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reference: nn.Module | None = None
-    ) -> None:
-        _dcp_load(model, optimizer, path, reference)
 
 
 # ============================================================================================
@@ -352,7 +357,7 @@ def find_block_class(model: nn.Module, block_name: str | None) -> type:
     return candidates[max(sizes, key=lambda n: sizes[n])]
 
 
-class FSDP2:
+class FSDP2(ShardedLayout):
     """Every process holds a shard of each transformer block (and of the rest of the model):
     PyTorch's FSDP2 `fully_shard`, per block, then the root."""
 
@@ -491,16 +496,6 @@ class FSDP2:
 
         state = optimizer_state_by_name(state, parameter_names(model)) if state else {}
         set_optimizer_state_dict(model, optimizer, state, options=self._full_options(broadcast_from_rank0=True))
-
-    def sharded_state_dict(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, reference: nn.Module | None = None
-    ) -> dict:
-        return _dcp_state(model, optimizer, reference)
-
-    def load_sharded_state_dict(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reference: nn.Module | None = None
-    ) -> None:
-        _dcp_load(model, optimizer, path, reference)
 
 
 def _wraps(module: nn.Module, cls: type) -> bool:

@@ -355,13 +355,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"config key 'loss.label_smoothing' is exo_pair's epsilon and must be in (0, 1), got {ls} (the EXO paper uses 1e-3)"
             )
-    family = LOSSES[names[0]].family or names[0] == "sft" and len(names) > 1
-    if family:
-        weights = c.get("weights")
-        if weights is not None and len(weights) != len(names):
-            raise ConfigError(
-                f"config key 'loss.weights' has {len(weights)} weight(s) for {len(names)} loss(es) ({', '.join(names)})"
-            )
+    weights = c.get("weights")  # a key of the DPO family only
+    if weights is not None and len(weights) != len(names):
+        raise ConfigError(
+            f"config key 'loss.weights' has {len(weights)} weight(s) for {len(names)} loss(es) ({', '.join(names)})"
+        )
+    objective = Objective(c)
+    if objective.family:
         divergence = c.f_divergence_type
         if divergence not in F_DIVERGENCES:
             raise ConfigError(
@@ -390,11 +390,10 @@ def validate(cfg: DictConfig) -> None:
                 "config key 'precompute_ref_log_probs' cannot be used with loss.sync_ref_model=true (TR-DPO updates the "
                 "reference during training, so its log-probs cannot be computed in advance)"
             )
-        if c.sync_ref_model and not objective_needs_reference(c):
+        if c.sync_ref_model and not objective.needs_reference:
             raise ConfigError(
                 "config key 'loss.sync_ref_model' needs a reference model, which loss.reference_free=true drops"
             )
-    objective = Objective(c)
     if cfg.precompute_ref_log_probs and not objective.needs_reference:
         raise ConfigError(
             f"config key 'precompute_ref_log_probs' needs a reference model, which loss={display_name(c)} does not use"
@@ -410,13 +409,6 @@ def validate(cfg: DictConfig) -> None:
                 "config key 'batch_size' must be at least 2 for loss=kto: its KL estimate pairs each prompt with another "
                 "example's completion in the batch"
             )
-
-
-def objective_needs_reference(c: DictConfig) -> bool:
-    """reference_free=true makes the reference uniform for the whole loss: none is built."""
-    if c.get("reference_free"):
-        return False
-    return any(LOSSES[n].reference for n in components(c.name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +434,8 @@ class Objective:
         combined = len(self.names) > 1  # a weighted sum of the DPO family (and sft's NLL)
         self.family = first.family or combined
         self.data = "paired" if combined else first.data
-        self.needs_reference = objective_needs_reference(loss_cfg)
+        # reference_free=true makes the reference uniform for the whole loss: none is built
+        self.needs_reference = not loss_cfg.get("reference_free") and any(loss.reference for loss in self.losses)
         self.average = first.average and not combined
         weights = loss_cfg.get("weights") if self.family else None
         self.terms: list[tuple[str, float]] = list(
@@ -476,8 +469,7 @@ class Objective:
         (LD-DPO: weighted), or the mean over the response for length-averaging losses."""
         if self.ld_alpha is not None and token_weights is not None:
             return (per_token * token_weights).sum(-1)
-        total = per_token.sum(-1)
-        return total / (labels[:, 1:] != -100).sum(-1) if self.average else total
+        return L.sequence_logps(per_token, labels, self.average)
 
     def reference_key(self) -> list:
         """What the reference's reduced log-probs depend on besides weights and data (the

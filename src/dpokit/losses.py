@@ -369,7 +369,13 @@ def batch_logps(
     logits: torch.Tensor, labels: torch.Tensor, average: bool = False, positions: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Sum (or mean) of log p(label) over the labelled positions of each sequence (`token_logps`)."""
-    total = token_logps(logits, labels, positions).sum(-1)
+    return sequence_logps(token_logps(logits, labels, positions), labels, average)
+
+
+def sequence_logps(per_token: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Each sequence's log-prob from `token_logps`: the sum over its labelled positions, or
+    their mean (the length-averaged log-probs of SimPO, ORPO, sigmoid_norm-style losses)."""
+    total = per_token.sum(-1)
     return total / (labels[:, 1:] != -100).sum(-1) if average else total
 
 

@@ -320,7 +320,7 @@ class BasicTrainer:
 
     def sequence_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         """log p(labelled tokens) of each sequence of `model_inputs`."""
-        return self.token_logps(model, inputs)[0].sum(-1)
+        return losses.sequence_logps(self.token_logps(model, inputs)[0], inputs["labels"])
 
     def reduced_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         """The sequence log-probs of `model_inputs` as the loss reads them: summed, or
