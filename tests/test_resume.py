@@ -42,6 +42,8 @@ RESUMED_LOSSES = {
     # the reference moves during training: its weights are in the checkpoint
     "tr_dpo": ["loss=dpo", "loss.beta=0.1", "loss.sync_ref_model=true", "loss.ref_model_sync_steps=2"],
     "kto": ["loss=kto", "loss.beta=0.1"],
+    # packed rows: the same arithmetic on resume as before it
+    "dpo_packing": ["loss=dpo", "loss.beta=0.1", "packing=true"],
     # LoRA: the adapter comes back from PEFT's safetensors file, the base from the run's start
     "lora_dpo": ["loss=dpo", "loss.beta=0.1", "lora.enabled=true", "lora.r=4", "lora.target_modules=[c_attn,c_fc]"],
 }

@@ -197,6 +197,14 @@ class Config:
     length_groups: int = _doc(
         "split each micro-batch into this many groups of similar length: less padding, the same loss and gradient", 1
     )
+    packing: bool = _doc(
+        "padding-free forward passes: each micro-batch's sequences packed into rows, attention confined to each "
+        "sequence; the same log-probs, loss and gradient up to float rounding",
+        False,
+    )
+    packing_max_tokens: Optional[int] = _doc(
+        "packing: at most this many tokens per packed row (memory bound; null: max_length)", None
+    )
     sampler: str = _doc(
         "'random' (the reference's order) or 'length_grouped' (batches of similar lengths: faster, another order)",
         "random",
@@ -370,6 +378,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         "checkpoint.keep_best",
         "nproc",
         "length_groups",
+        "packing_max_tokens",
     ):
         positive(key)
     for key in ("warmup_steps", "n_eval_model_samples", "minimum_log_interval_secs"):
@@ -402,6 +411,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if cfg.mixed_precision is not None and cfg.trainer == "FSDPTrainer":
         raise ConfigError(
             "config key 'mixed_precision' is for BasicTrainer; FSDPTrainer's is model.fsdp_policy_mp=bfloat16"
+        )
+    if cfg.packing_max_tokens is not None and cfg.packing_max_tokens < cfg.max_length:
+        raise ConfigError(
+            f"config key 'packing_max_tokens' ({cfg.packing_max_tokens}) must be at least max_length "
+            f"({cfg.max_length}), so that every sequence fits a packed row"
         )
     if cfg.sampler not in ("random", "length_grouped"):
         raise ConfigError(f"config key 'sampler' must be random or length_grouped, got '{cfg.sampler}'")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from dpokit import packing
 from dpokit.errors import DataError
 from dpokit.progress import bar as progress_bar
 from dpokit.sources import ChatRenderer, get_dataset, parse_spec
@@ -594,10 +595,14 @@ def every_item(iterator: BatchIterator, batch_size: int, only: Collection[int] |
         yield iterator.collated(raw)
 
 
-def token_counts(batch: dict) -> torch.Tensor:
-    """(real, padded) tokens a batch puts through the policy: chosen and rejected are padded to
-    one length and run together (SFT: chosen only)."""
+def token_counts(batch: dict, packed_row_tokens: int | None = None) -> torch.Tensor:
+    """(real, computed) tokens a batch puts through the policy: chosen and rejected are padded to
+    one length and run together (SFT: chosen only); with packing, rows of at most
+    packed_row_tokens (`packing.layout`)."""
     masks = [batch[k] for k in ("chosen_attention_mask", "rejected_attention_mask") if k in batch]
+    if packed_row_tokens is not None:
+        lengths = [n for m in masks for n in m.sum(-1).tolist()]
+        return torch.tensor(packing.token_counts(lengths, packed_row_tokens))
     real = sum(int(m.sum()) for m in masks)
     return torch.tensor([real, len(masks) * masks[0].shape[0] * max(m.shape[1] for m in masks)])
 

@@ -131,6 +131,10 @@ def preflight(cfg: DictConfig, world_size: int) -> None:
     skeleton = model_skeleton(cfg.model.name_or_path)  # the model's config loads (no weights yet)
     if cfg.trainer == "FSDPTrainer":
         find_block_class(skeleton, cfg.model.block_name)
+    if cfg.packing:
+        from dpokit.packing import check_model_supports
+
+        check_model_supports(skeleton)
 
 
 @dataclass

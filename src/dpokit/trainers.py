@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from dpokit import loss_registry, losses, progress
+from dpokit import loss_registry, losses, packing, progress
 from dpokit.checkpoint import Checkpointer, CheckpointSettings
 from dpokit.data import (
     Prefetched,
@@ -286,6 +286,18 @@ class BasicTrainer:
         queue a forward while the previous backward still runs; a mask that marks only right
         padding is left out (`only_right_padding`)."""
         device = self.device
+        row_tokens = packing.row_tokens(self.config)
+        if row_tokens is not None:  # the model reads packed rows; the losses read `labels` as without
+            packed = packing.pack(input_ids, attention_mask, labels, row_tokens)
+            return {
+                "input_ids": to_device(packed.input_ids, device),
+                "attention_mask": None,  # position_ids restarting at 0 confine attention (`packing`)
+                "position_ids": to_device(packed.position_ids, device),
+                "labels": to_device(labels, device),
+                "model_labels": to_device(packed.labels, device),
+                "positions": to_device(losses.predicted_indices(packed.labels), device),
+                "unpack": (to_device(packed.source, device), to_device(packed.target, device), packed.padded_shape),
+            }
         return {
             "input_ids": to_device(input_ids, device),
             "attention_mask": None if only_right_padding(attention_mask) else to_device(attention_mask, device),
@@ -308,15 +320,20 @@ class BasicTrainer:
     def token_logps(self, model: nn.Module, inputs: dict, aligned: bool = False) -> tuple[torch.Tensor, Any]:
         """log p(labelled token) at each position of each sequence of `model_inputs` (rows,
         seq - 1); aligned: also WPO's log p - log sum p^2 at each position (else None)."""
-        labels, positions = inputs["labels"], inputs["positions"]
+        labels, positions = inputs.get("model_labels", inputs["labels"]), inputs["positions"]
+        extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
         # no KV cache: nothing is generated, and a cache filled in forward breaks recomputation
         # under activation checkpointing
         with self.autocast(), losses.logits_where_predicted(model, labels, positions):
-            out = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            out = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, **extra)
         per_token = losses.token_logps(out.logits, labels, positions=positions)
-        if not aligned:
-            return per_token, None
-        return per_token, per_token.detach() - losses.token_log_sum_sq_probs(out.logits, labels, positions)
+        alignment = (
+            per_token.detach() - losses.token_log_sum_sq_probs(out.logits, labels, positions) if aligned else None
+        )
+        if "unpack" in inputs:  # from the packed rows to the padded batch's positions
+            per_token = packing.unpack(per_token, *inputs["unpack"])
+            alignment = None if alignment is None else packing.unpack(alignment, *inputs["unpack"])
+        return per_token, alignment
 
     def sequence_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         """log p(labelled tokens) of each sequence of `model_inputs`."""
@@ -632,7 +649,7 @@ class BasicTrainer:
         kl = self.kl_estimate(micro_batches) if self.objective.data == "unpaired" else None  # of the global batch
         for local_micro in micro_batches:
             for group, rows in length_groups(local_micro, self.config.length_groups):
-                tokens += token_counts(group)
+                tokens += token_counts(group, packing.row_tokens(self.config))
                 loss, group_metrics = self.get_batch_metrics(
                     group, self.config.loss, train=True, nll_scale=scale, kl=kl
                 )
