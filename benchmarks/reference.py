@@ -23,8 +23,8 @@ dialogue with another prompt: 7 of 2312), so both see the same pairs.
 
 Variants: the reference; dpokit with final_eval=false (the same work: the reference does not
 evaluate after its last step), also with model.fused_gelu=false (GPT-2's activation computed
-as the reference computes it), also with length_groups=4 (the same loss and gradient, less
-padding); dpokit with its defaults (plus that final evaluation); dpokit with
+as the reference computes it), also with length_groups=4 and with packing=true (each the same
+loss and gradient, less padding); dpokit with its defaults (plus that final evaluation); dpokit with
 the levers (precomputed reference log-probs, length groups, the length-grouped sampler). Each
 gets a fresh cache directory, as a first run does. Printed: median examples/s per step (first
 step excluded) read from the `train stats` lines both print, the whole process's wall time
@@ -65,6 +65,7 @@ VARIANTS = {
     "dpokit, same work (final_eval=false)": ["final_eval=false"],
     "dpokit, same work, model.fused_gelu=false": ["final_eval=false", "model.fused_gelu=false"],
     "dpokit, same work + length_groups=4": ["final_eval=false", "length_groups=4"],
+    "dpokit, same work + packing": ["final_eval=false", "packing=true"],
     "dpokit, defaults (+ final eval)": [],
     "dpokit, precompute + length_groups=4 + length_grouped": [
         "final_eval=false", "precompute_ref_log_probs=true", "length_groups=4", "sampler=length_grouped"],

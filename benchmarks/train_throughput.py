@@ -9,7 +9,9 @@ layers, 768 wide) built from a config with the bundled tokenizer, batch 32, max_
 examples. The reference model is float32 on CPU and float16 (both tools' default) on CUDA. No
 evaluation and no checkpoints inside the timed part (debug=true, no first or final eval). Each
 variant runs --repeats times, alternated with the others; on CUDA the variants also include
-tf32=false and all the levers together (bf16 autocast, precompute, length groups and sampler).
+tf32=false and all the levers together (bf16 autocast, precompute, length groups and sampler),
+and where flash-attn is installed its kernels with and without packing (varlen). The
+`cpu-long` workload is the CPU one with max_length 512 (long-tailed lengths: packing's case).
 Printed per variant: median examples/s per step (first step excluded), real (non-pad) and padded
 tokens/s through the policy, the whole process's wall time, its peak RSS (and on CUDA the peak
 memory its tensors took), and model FLOP utilisation: 6 x parameters x real tokens (+ 2 x
@@ -22,6 +24,7 @@ reference model. --variants and --n-examples make a shorter check (e.g. on a bor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -40,6 +43,10 @@ BIN = Path(sys.executable).parent
 WORKLOADS = {
     "cpu": {"model": "tiny", "batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_examples": 512,
             "reference_dtype": "float32"},
+    # the same with responses up to 512 tokens: HH's lengths are long-tailed (median 155, p90
+    # 381), so a padded batch is 45% real tokens
+    "cpu-long": {"model": "tiny", "batch_size": 8, "max_length": 512, "max_prompt_length": 256, "n_examples": 256,
+                 "reference_dtype": "float32"},
     "gpu": {"model": "gpt2-small-4k", "batch_size": 32, "max_length": 512, "max_prompt_length": 256,
             "n_examples": 2048, "reference_dtype": "float16"},
 }  # fmt: skip
@@ -50,6 +57,8 @@ VARIANTS = {
         "length_groups=4": ["length_groups=4"],
         "sampler=length_grouped": ["sampler=length_grouped"],
         "bf16 autocast": ["mixed_precision=bf16"],
+        "packing=true": ["packing=true"],
+        "packing=true + packing_max_tokens=1024": ["packing=true", "packing_max_tokens=1024"],
     },
     "dpo": {
         "baseline": [],
@@ -59,6 +68,10 @@ VARIANTS = {
         "precompute + length_groups=4 + length_grouped sampler": [
             "precompute_ref_log_probs=true", "length_groups=4", "sampler=length_grouped"],
         "bf16 autocast": ["mixed_precision=bf16"],
+        "packing=true": ["packing=true"],
+        "packing=true + packing_max_tokens=1024": ["packing=true", "packing_max_tokens=1024"],
+        "precompute + packing + length_grouped sampler": [
+            "precompute_ref_log_probs=true", "packing=true", "sampler=length_grouped"],
         # reference-free losses: no reference model, no reference forward
         "loss=simpo (no reference)": ["loss=simpo", "loss.beta=2.0"],
         "loss=cpo (no reference)": ["loss=cpo", "loss.beta=0.1"],
@@ -208,7 +221,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--workload", choices=["cpu", "gpu", "auto"], default="auto")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "auto"], default="auto")
     parser.add_argument("--losses", default="sft,dpo")
     parser.add_argument(
         "--variants",
@@ -220,6 +233,11 @@ def main() -> None:
     args = parser.parse_args()
     workload = args.workload if args.workload != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     device = "cuda" if workload == "gpu" else "cpu"
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:  # varlen kernels for packed rows
+        for loss in GPU_VARIANTS:
+            GPU_VARIANTS[loss] |= {"flash_attention_2": ["model.attn_implementation=flash_attention_2"],
+                                   "packing + flash_attention_2": ["packing=true",
+                                                                   "model.attn_implementation=flash_attention_2"]}  # fmt: skip
     w = {**WORKLOADS[workload], **({"n_examples": args.n_examples} if args.n_examples else {})}
     report: dict = {"workload": workload, "settings": w}
     with tempfile.TemporaryDirectory(dir=".") as tmp:

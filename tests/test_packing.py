@@ -30,7 +30,8 @@ def tiny_llama() -> torch.nn.Module:
 
 
 def models() -> dict[str, torch.nn.Module]:
-    return {"gpt2": load_model("tiny").eval(), "llama": tiny_llama()}
+    return {"gpt2": load_model("tiny").eval(), "gpt2-eager": load_model("tiny", attn_implementation="eager").eval(),
+            "llama": tiny_llama()}  # fmt: skip
 
 
 def padded_batch(lengths: list[int], vocab: int, prompt: int = 4) -> tuple[torch.Tensor, ...]:
@@ -83,14 +84,13 @@ def test_packed_rows_restart_positions_and_never_predict_across_sequences():
     assert back[1].tolist() == [6, 7, 0, 0, 0] and back[2].tolist() == [9, 0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt2-eager", "llama"])
 def test_packed_log_probs_and_gradients_equal_the_padded_ones(arch):
     """Per-token log-probs and the DPO loss's gradient: the packed float32 computation is no
     further from a padded float64 run than the padded float32 one is (within 4x, the bound of
-    summing the same terms in another order)."""
+    summing the same terms in another order); with the sdpa and the eager attention kernels."""
     model = models()[arch]
-    exact_model = cast_parameters(load_model("tiny", dtype="float64").eval() if arch == "gpt2" else tiny_llama(),
-                                  torch.float64)  # fmt: skip
+    exact_model = cast_parameters(load_model("tiny").eval() if arch.startswith("gpt2") else tiny_llama(), torch.float64)
     exact_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     vocab = model.config.vocab_size
     ids, mask, labels = padded_batch([40, 13, 27, 5, 33, 18, 22, 9], vocab)
@@ -192,4 +192,19 @@ def test_packing_is_refused_for_a_model_whose_attention_cannot_be_confined(train
 def test_a_packed_row_budget_below_max_length_is_refused(train, tmp_path):
     with pytest.raises(ConfigError, match=r"'packing_max_tokens' \(32\) must be at least max_length \(64\)"):
         train("packing=true", "packing_max_tokens=32")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [("flash", r"'model.attn_implementation' must be one of sdpa, eager, flex_attention, flash_attention_2 or null"),
+     ("flash_attention_2", r"flash_attention_2, which needs the flash-attn package")],
+)  # fmt: skip
+def test_an_attention_kernel_that_cannot_run_is_refused_before_any_work(train, tmp_path, value, pattern):
+    import importlib.util
+
+    if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match=pattern):
+        train(f"model.attn_implementation={value}", "packing=true")
     assert not (tmp_path / "runs").exists()

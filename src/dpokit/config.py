@@ -61,6 +61,11 @@ class ModelConfig:
         None,
     )
     reference_dtype: str = _doc("torch dtype of the frozen reference model", "float16")
+    attn_implementation: Optional[str] = _doc(
+        "attention kernel: sdpa, eager, flex_attention or flash_attention_2 (needs CUDA and flash-attn; with "
+        "packing it runs varlen kernels); null: transformers' default for the model (sdpa where it has one)",
+        None,
+    )
     fused_gelu: bool = _doc(
         "run gelu_new (GPT-2, GPT-J, GPT-Neo) as PyTorch's fused tanh GELU: the same function, equal up to "
         "float rounding, faster; false: the model's own elementwise implementation",
@@ -345,6 +350,9 @@ def parse_args(args: list[str], base: Optional[dict] = None) -> DictConfig:
     return cast(DictConfig, cfg)
 
 
+ATTENTION_KERNELS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Refuse, in one sentence naming the key, any value that would fail later."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -412,6 +420,19 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(
             "config key 'mixed_precision' is for BasicTrainer; FSDPTrainer's is model.fsdp_policy_mp=bfloat16"
         )
+    attention = OmegaConf.select(cfg, "model.attn_implementation")
+    if attention not in (None, *ATTENTION_KERNELS):
+        raise ConfigError(
+            f"config key 'model.attn_implementation' must be one of {', '.join(ATTENTION_KERNELS)} or null, got '{attention}'"
+        )
+    if attention == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "config key 'model.attn_implementation' is flash_attention_2, which needs the flash-attn package "
+                "(and CUDA): install it, or use sdpa"
+            )
     if cfg.packing_max_tokens is not None and cfg.packing_max_tokens < cfg.max_length:
         raise ConfigError(
             f"config key 'packing_max_tokens' ({cfg.packing_max_tokens}) must be at least max_length "

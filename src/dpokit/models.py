@@ -53,24 +53,32 @@ def load_tokenizer(name_or_path: str, cache_dir: str | None = None):
 
 
 def load_model(
-    name_or_path: str, dtype: str = "float32", cache_dir: str | None = None, seed: int = 0
+    name_or_path: str,
+    dtype: str = "float32",
+    cache_dir: str | None = None,
+    seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
-    """A causal LM from a hub name or a local directory.
+    """A causal LM from a hub name or a local directory, with transformers' attention kernel
+    `attn_implementation` (None: its default).
 
     A directory with a config but no weights (the bundled tiny model) is built from its config
     with the given seed, so the same seed always gives the same initial weights.
     """
     path = resolve_model_path(name_or_path)
     torch_dtype = getattr(torch, dtype)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         if os.path.isdir(path) and not _has_weights(path) and os.path.exists(os.path.join(path, "config.json")):
             config = transformers.AutoConfig.from_pretrained(path)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = transformers.AutoModelForCausalLM.from_config(config)
+                model = transformers.AutoModelForCausalLM.from_config(config, **attention)
             model = cast_parameters(model, torch_dtype)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir, dtype=torch_dtype)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, cache_dir=cache_dir, dtype=torch_dtype, **attention
+            )
     except (OSError, ValueError) as err:
         raise DpokitError(
             f"cannot load model '{name_or_path}' (model.name_or_path): {str(err).splitlines()[0]}"
@@ -79,8 +87,9 @@ def load_model(
     return model
 
 
-def model_skeleton(name_or_path: str) -> torch.nn.Module:
-    """The model's modules without weights (on the meta device): its structure, cheaply."""
+def model_skeleton(name_or_path: str, attn_implementation: str | None = None) -> torch.nn.Module:
+    """The model's modules without weights (on the meta device): its structure, cheaply (and
+    whether it has the attention kernel asked for)."""
     path = resolve_model_path(name_or_path)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
@@ -89,7 +98,14 @@ def model_skeleton(name_or_path: str) -> torch.nn.Module:
             f"cannot load model '{name_or_path}' (model.name_or_path): {str(err).splitlines()[0]}"
         ) from None
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config)
+        try:
+            return transformers.AutoModelForCausalLM.from_config(
+                config, **({"attn_implementation": attn_implementation} if attn_implementation else {})
+            )
+        except (ImportError, ValueError) as err:
+            raise DpokitError(
+                f"config key 'model.attn_implementation': {str(err).splitlines()[0]} (model '{name_or_path}')"
+            ) from None
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -128,7 +128,8 @@ def preflight(cfg: DictConfig, world_size: int) -> None:
             f"NCCL needs one GPU per process: start at most {torch.cuda.device_count()} (config key 'nproc', "
             f"or torchrun's --nproc_per_node), or pass device=cpu"
         )
-    skeleton = model_skeleton(cfg.model.name_or_path)  # the model's config loads (no weights yet)
+    # the model's config loads and has the attention kernel asked for (no weights yet)
+    skeleton = model_skeleton(cfg.model.name_or_path, cfg.model.attn_implementation)
     if cfg.trainer == "FSDPTrainer":
         find_block_class(skeleton, cfg.model.block_name)
     if cfg.packing:

@@ -80,7 +80,8 @@ def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, wor
     status("running", examples=0)
     try:
         say("building policy", flush=True)
-        policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, cache_dir, seed=cfg.seed)
+        policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, cache_dir, seed=cfg.seed,
+                            attn_implementation=cfg.model.attn_implementation)  # fmt: skip
         if cfg.model.fused_gelu:
             fuse_gelu(policy)  # the reference, a copy of the policy, gets them too
         reference: Any = None

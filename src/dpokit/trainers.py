@@ -438,6 +438,9 @@ class BasicTrainer:
             REFERENCE_LOGPS_FORMAT, [state_fingerprint(vars(it.tokenized)) for it in splits.values()],
             reference_weights, cfg.model.reference_dtype, self.device.type, cfg.mixed_precision, cfg.tf32,
             cfg.model.fused_gelu, cfg.max_length, cfg.max_prompt_length, *self.objective.reference_key(),
+            # other kernels, other rounding: in the key when not the defaults (earlier keys stay valid)
+            *([["attention", cfg.model.attn_implementation]] if cfg.model.attn_implementation else []),
+            *([["packing", packing.row_tokens(cfg)]] if cfg.packing else []),
         ]).encode()).hexdigest()[:24]  # fmt: skip
         path = Path(cache_dir_for(list(cfg.local_dirs))) / "reference_logps" / f"{key}.pt"
         tables = torch.load(path, weights_only=True) if path.is_file() else {}
