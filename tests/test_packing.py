@@ -82,6 +82,10 @@ def test_packed_rows_restart_positions_and_never_predict_across_sequences():
     back = packing.unpack(values, p.source, p.target, p.padded_shape)
     assert back[0].tolist() == [0, 1, 2, 3, 4]
     assert back[1].tolist() == [6, 7, 0, 0, 0] and back[2].tolist() == [9, 0, 0, 0, 0]
+    # a row's padding stays at position 0: rows may be wider than the model's position table
+    ids, mask, labels = padded_batch([40, 30, 20], vocab=50)
+    p = packing.pack(ids, mask, labels, 60)  # rows [40 + 10 padding], [30, 20]
+    assert p.input_ids.shape == (2, 50) and p.position_ids[0, 40:].tolist() == [0] * 10
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt2-eager", "llama"])

@@ -111,7 +111,7 @@ class Packed:
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, max_tokens: int) -> Packed:
     """Pack right-padded rows (batch, seq) into rows of at most max_tokens tokens. The tail of a
-    row that is not full gets its own positions (a segment of padding that predicts nothing)."""
+    row that is not full is padding at position 0 that predicts nothing."""
     lengths = attention_mask.sum(-1).tolist()
     if not bool(
         (attention_mask == (torch.arange(attention_mask.shape[1]) < attention_mask.sum(-1, keepdim=True))).all()
@@ -135,7 +135,9 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
             source.append(p * (width - 1) + offset + torch.arange(n - 1))
             target.append(i * (seq - 1) + torch.arange(n - 1))
             offset += n
-        positions[p, offset:] = torch.arange(width - offset)
+        # padding at 0, each token a sequence of its own: positions never pass the longest
+        # sequence's (the model's position table ends at max_length, not at the row's width)
+        positions[p, offset:] = 0
     return Packed(packed_ids, positions, packed_labels, torch.cat(source), torch.cat(target), (n_rows, seq - 1))
 
 
