@@ -163,12 +163,16 @@ def test_packed_dpo_training_gives_the_padded_update_with_less_padding(train, tm
 
 def test_packing_works_with_every_speed_lever(train):
     """Precomputed reference log-probs (computed packed too), length groups (each group packed),
-    the length-grouped sampler and bf16 autocast, all at once and with SFT: each step's loss is
-    the padded run's with the same levers, within float rounding (bf16: its rounding, 1e-2)."""
+    the length-grouped sampler and bf16 autocast, all at once; SFT; LoRA (the reference is the
+    policy with its adapters off) with activation checkpointing: each step's loss is the padded
+    run's with the same settings, within float rounding (bf16: its rounding, 1e-2)."""
     dpo = ["loss=dpo", "loss.beta=0.1", "batch_size=8", "n_examples=16", "eval_every=16", "do_first_eval=false",
            "max_length=128", "max_prompt_length=64"]  # fmt: skip
     levers = ["precompute_ref_log_probs=true", "length_groups=2", "sampler=length_grouped", "mixed_precision=bf16"]
-    for name, args in (("dpo", [*dpo, *levers]), ("sft", ["loss=sft", *dpo[2:], "packing_max_tokens=256"])):
+    lora = ["lora.enabled=true", "lora.r=4", "lora.target_modules=[c_attn,c_fc]", "activation_checkpointing=true"]
+    cases = (("dpo", [*dpo, *levers]), ("sft", ["loss=sft", *dpo[2:], "packing_max_tokens=256"]),
+             ("lora", [*dpo, *lora]))  # fmt: skip
+    for name, args in cases:
         padded = train(*args, exp_name=f"{name}-padded")
         packed = train(*args, "packing=true", exp_name=f"{name}-packed")
         tolerance = 1e-2 if "mixed_precision=bf16" in args else 1e-4

@@ -214,7 +214,7 @@ def test_right_padded_batches_run_without_a_mask_and_give_the_same_log_probs(mon
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: given.append(k["attention_mask"]) or forward(*a, **k))
     trainer = BasicTrainer.__new__(BasicTrainer)  # just what model_inputs and sequence_logps use
-    trainer.device, trainer.config = torch.device("cpu"), OmegaConf.create({"mixed_precision": None})
+    trainer.device, trainer.config = torch.device("cpu"), OmegaConf.create({"mixed_precision": None, "packing": False})
     with torch.no_grad():
         without = trainer.sequence_logps(model, trainer.model_inputs(ids, mask, labels))
         left = trainer.sequence_logps(model, trainer.model_inputs(ids.flip(1), mask.flip(1), labels.flip(1)))
