@@ -104,7 +104,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, loss_args):
     ]
 
 
-def test_resume_without_optimizer_state_is_refused(tmp_path):
+def test_resume_without_optimizer_state_is_refused(tmp_path, monkeypatch):
     common = [
         *FAST,
         "exp_name=r",
@@ -116,8 +116,35 @@ def test_resume_without_optimizer_state_is_refused(tmp_path):
     ]
     run_dir = Path(main(common)["run_dir"])
     assert sorted(p.name for p in (run_dir / "step-4").iterdir()) == ["manifest.json", "policy.pt"]
-    with pytest.raises(CheckpointError, match="save_optimizer=false"):
-        main([*common, f"resume={run_dir}"])
+    import dpokit.models
+
+    with monkeypatch.context() as patched:  # refused when deciding, before any model is built
+        patched.setattr(dpokit.models, "load_model", lambda *a, **k: pytest.fail("a model was built"))
+        with pytest.raises(CheckpointError, match="save_optimizer=false"):
+            main([*common, f"resume={run_dir}"])
+
+
+def test_resume_is_decided_once_and_reads_each_checkpoint_file_through_once(tmp_path, monkeypatch):
+    """`dpokit train resume=RUN`: the command (which decides whether to start processes) and the
+    run find the same checkpoint, but only the run's decision verifies it with its checksums,
+    so each file of a large checkpoint is read through once before training; the trainer
+    continues from what that decision says (the counters of trainer_state.pt)."""
+    import dpokit.checkpoint.format as fmt
+    from dpokit.train import train_or_launch
+    from dpokit.trainers import BasicTrainer
+
+    common = [*FAST, "exp_name=r", f"local_dirs=[{tmp_path / 'runs'}]", "batch_size=4", "eval_every=4"]
+    run_dir = Path(main([*common, "n_examples=8"])["run_dir"])
+    read: list[str] = []  # the files checksummed, in order
+    checksum, train = fmt.checksum_file, BasicTrainer.train
+    monkeypatch.setattr(fmt, "checksum_file", lambda path: read.append(Path(path).name) or checksum(path))
+    when_training: list[list[str]] = []
+    monkeypatch.setattr(BasicTrainer, "train", lambda self: when_training.append(list(read)) or train(self))
+    assert train_or_launch([*common, "n_examples=12", f"resume={run_dir}"]) == 0
+    assert sorted(when_training[0]) == sorted([*fmt.CONTRACT_FILES, fmt.TRAINER_STATE])  # each once
+    steps = [m["step"] for m in metrics_log(run_dir) if "loss/train" in m]
+    assert steps == [4, 8, 12]  # continued at 8, not evaluated again there
+    assert [m["step"] for m in metrics_log(run_dir) if "loss/eval" in m] == [0, 4, 8, 12]
 
 
 def test_resume_with_incompatible_config_names_the_keys(tmp_path):
@@ -131,8 +158,8 @@ def test_resume_with_incompatible_config_names_the_keys(tmp_path):
     assert "loss" not in str(err.value).split("keys")[1].split("differ")[0]
     with pytest.raises(ConfigError, match="loss"):
         build_config([f"resume={run_dir}", "loss=dpo", "loss.beta=0.1"])
-    cfg, ckpt = build_config([f"resume={run_dir}", "batch_size=8", "resume_force=true"])
-    assert cfg.batch_size == 8 and ckpt == run_dir / "LATEST"
+    cfg, point = build_config([f"resume={run_dir}", "batch_size=8", "resume_force=true"])
+    assert cfg.batch_size == 8 and point.checkpoint == run_dir / "LATEST" and (point.examples, point.batches) == (8, 2)
     # the saved config is the base: nothing else needs repeating, and extending the run is allowed
     cfg, _ = build_config([f"resume={run_dir}", "n_examples=16"])
     assert cfg.n_examples == 16 and cfg.max_length == 64 and cfg.local_run_dir == str(run_dir)
@@ -148,8 +175,8 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
     data = bytearray(latest_policy.read_bytes())
     data[len(data) // 2] ^= 0xFF
     latest_policy.write_bytes(bytes(data))
-    _, ckpt = build_config([f"resume={run_dir}"])
-    assert ckpt == run_dir / "step-8"
+    _, point = build_config([f"resume={run_dir}"])
+    assert point.checkpoint == run_dir / "step-8" and not point.is_end
     assert "skipping damaged checkpoint" in capsys.readouterr().out
 
 

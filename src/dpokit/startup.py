@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpokit.checkpoint import LATEST, locate, newest_complete, run_config_of
+from dpokit.checkpoint import ResumePoint, locate, newest_complete, resume_point, run_config_of
 from dpokit.config import (
     Config,
     check_writable,
@@ -61,21 +61,36 @@ def auto_resume_dir(cfg: DictConfig) -> Path:
     )
 
 
-def build_config(argv: list[str]) -> tuple[DictConfig, Path | None]:
-    """Parse; with resume=..., the saved run's config is the base and the checkpoint is located."""
+def build_config(argv: list[str]) -> tuple[DictConfig, ResumePoint | None]:
+    """Parse; with resume=..., the saved run's config is the base, and the resume point (the
+    checkpoint, verified with its checksums, and how far it had come) is decided: the one
+    decision every process of the run receives."""
+    cfg, ckpt_dir = _config_and_checkpoint(argv, checksums=True)
+    return cfg, None if ckpt_dir is None else resume_point(ckpt_dir)
+
+
+def launch_config(argv: list[str]) -> DictConfig:
+    """The config as far as the command needs it to know whether and how to start processes
+    (the trainer, their number): with resume=..., the saved run's, its checkpoint found without
+    reading it through. The first process verifies it, once, when it decides (`build_config`)."""
+    return _config_and_checkpoint(argv, checksums=False)[0]
+
+
+def _config_and_checkpoint(argv: list[str], checksums: bool) -> tuple[DictConfig, Path | None]:
     cfg = parse_args(argv)
     if cfg.resume is None:
         return cfg, None
     if cfg.resume == "auto":
         run_dir = auto_resume_dir(cfg)
-        found = newest_complete(run_dir) if run_dir.is_dir() else None
+        found = newest_complete(run_dir, checksums=checksums) if run_dir.is_dir() else None
         if found is None:
-            print(f"resume=auto: no complete checkpoint in {run_dir}; starting a new run there", flush=True)
+            if checksums:
+                print(f"resume=auto: no complete checkpoint in {run_dir}; starting a new run there", flush=True)
             cfg.local_run_dir = str(run_dir)
             return cfg, None
         ckpt_dir = found
     else:
-        ckpt_dir = locate(cfg.resume, "resume")
+        ckpt_dir = locate(cfg.resume, "resume", checksums=checksums)
     saved = run_config_of(ckpt_dir)
     if saved is None:
         raise CheckpointError(
@@ -143,7 +158,7 @@ class Prepared:
     """What the first process decided and checked before any model was built."""
 
     cfg: DictConfig
-    resume_dir: Path | None
+    resume: ResumePoint | None
     tokenizer: Any = None
     data: Any = None  # dpokit.data.PreparedData
     finished: bool = False  # resume= names the end of a run that trained on everything it asks for
@@ -157,7 +172,7 @@ def prepare(argv: list[str], world_size: int) -> Prepared:
     from dpokit.data import cache_dir_for, eval_iterator, prepare_data, train_iterator
     from dpokit.models import check_archive, load_tokenizer
 
-    cfg, resume_dir = build_config(argv)
+    cfg, resume = build_config(argv)
     preflight(cfg, world_size)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -179,21 +194,12 @@ def prepare(argv: list[str], world_size: int) -> Prepared:
     train_iterator(cfg, data, tokenizer, cfg.seed)  # enough examples for a batch, in both splits
     eval_iterator(cfg, data, tokenizer, cfg.seed, world_size, log=print)
 
-    finished = resume_dir is not None and resume_dir.name == LATEST and _trained_all(resume_dir, cfg, data, tokenizer)
+    # the end of a run that has consumed every batch the config asks for: nothing to train
+    finished = (
+        resume is not None and resume.is_end and resume.batches >= len(train_iterator(cfg, data, tokenizer, cfg.seed))
+    )
     save_config(cfg, cfg.local_run_dir)
-    return Prepared(cfg, resume_dir, tokenizer, data, finished)
-
-
-def _trained_all(ckpt_dir: Path, cfg: DictConfig, data: Any, tokenizer: Any) -> bool:
-    """Whether a checkpoint has consumed every batch the config asks for."""
-    from dpokit.checkpoint import TRAINER_STATE, load_payload
-    from dpokit.data import train_iterator
-
-    try:
-        consumed = int(load_payload(ckpt_dir / TRAINER_STATE)["state"]["batch_counter"])
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        return False
-    return consumed >= len(train_iterator(cfg, data, tokenizer, cfg.seed))
+    return Prepared(cfg, resume, tokenizer, data, finished)
 
 
 def summary(cfg: DictConfig) -> str:

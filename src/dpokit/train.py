@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from dpokit import distributed, lora, loss_registry, tracking
-from dpokit.checkpoint import newest_complete
+from dpokit.checkpoint import ResumePoint, newest_complete
 from dpokit.errors import Interrupted, run_guarded
 from dpokit.launch import launch
-from dpokit.startup import Prepared, build_config, prepare, summary
+from dpokit.startup import Prepared, launch_config, prepare, summary
 
 
 def train_or_launch(argv: list[str]) -> int:
     """The `dpokit train` command: train here, or start torchrun's processes for FSDPTrainer."""
     if not distributed.launched_by_torchrun():
-        cfg, _ = build_config(argv)
+        cfg = launch_config(argv)
         if cfg.trainer == "FSDPTrainer":
             return launch(argv, cfg)
     main(argv)
@@ -44,26 +44,27 @@ def main(argv: list[str] | None = None) -> dict:
 
         def decide() -> tuple:
             prepared.append(prepare(argv, world_size))
-            return prepared[0].cfg, prepared[0].resume_dir, prepared[0].finished
+            return prepared[0].cfg, prepared[0].resume, prepared[0].finished
 
-        cfg, resume_dir, finished = distributed.decided_by_main(decide)
+        # one decision (config, resume point, whether the run is over), made by the first process
+        cfg, resume, finished = distributed.decided_by_main(decide)
         run_dir = Path(cfg.local_run_dir)
         with tracking.console_copied_to(run_dir / tracking.TRAIN_LOG, enabled=rank == 0):
             say = print if rank == 0 else (lambda *a, **k: None)
             say(summary(cfg))
             say("=" * 80 + f"\nWriting to {socket.gethostname()}:{run_dir}\n" + "=" * 80, flush=True)
             if finished:
-                say(f"{resume_dir} is the end of this run: it has trained on every example; nothing to do "
+                say(f"{resume.checkpoint} is the end of this run: it has trained on every example; nothing to do "
                     f"(pass a larger n_examples or n_epochs to train on)")  # fmt: skip
                 return run_summary(run_dir, {}, [])
-            trainer = _run(cfg, resume_dir, prepared[0] if prepared else None, rank, world_size, say)
+            trainer = _run(cfg, resume, prepared[0] if prepared else None, rank, world_size, say)
         distributed.shutdown(finished=True)
     finally:
         distributed.shutdown()
     return run_summary(run_dir, trainer.final_metrics, trainer.failed_saves, say)
 
 
-def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, world_size: int, say) -> Any:
+def _run(cfg, resume: ResumePoint | None, prepared: Prepared | None, rank: int, world_size: int, say) -> Any:
     """Models, trainer, training, the final save; the run's status kept in run.json."""
     from dpokit.data import cache_dir_for, prepare_data
     from dpokit.models import copy_as_reference, fuse_gelu, load_archive, load_model, load_tokenizer
@@ -104,8 +105,8 @@ def _run(cfg, resume_dir: Path | None, prepared: Prepared | None, rank: int, wor
             tokenizer=tokenizer, data=data,
         )  # fmt: skip
         del reference  # the trainer's now: with precomputed log-probs it frees it, which needs the only reference
-        if resume_dir is not None:
-            trainer.restore(resume_dir)
+        if resume is not None:
+            trainer.restore(resume)
         try:
             trainer.train()
         except StopTraining as stop:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from dpokit import loss_registry, losses, packing, progress
-from dpokit.checkpoint import Checkpointer, CheckpointSettings
+from dpokit.checkpoint import Checkpointer, CheckpointSettings, ResumePoint
 from dpokit.data import (
     Prefetched,
     PreparedData,
@@ -260,6 +260,7 @@ class BasicTrainer:
         self.example_counter = 0
         self.batch_counter = 0
         self.resumed_rng: dict | None = None
+        self.resumed_at: int | None = None  # examples at the resume point; None: a fresh run
         self.final_metrics: dict = {}
         self.stop_requested = False
 
@@ -561,12 +562,10 @@ class BasicTrainer:
             total=len(stream) * cfg.batch_size, initial=self.example_counter, desc="Training", unit="ex",
             enabled=self.rank == 0, leave=True,
         )  # fmt: skip
-        # a resumed run has already evaluated and saved at the step it resumed from
-        resumed_at = self.example_counter if self.resumed_rng is not None else None
         last_log: float | None = None
         with self.stop_on_signals(), bar:
             for batch in batches:
-                if self.evaluation_due(resumed_at):
+                if self.evaluation_due():
                     metrics = self.evaluate()
                     if self.example_counter > 0 and not cfg.debug:  # the reference saves nothing in debug mode
                         self.checkpointer.save(self.example_counter, metrics)
@@ -601,11 +600,11 @@ class BasicTrainer:
         if self.batch_counter % every == 0:
             mix_weights(self.reference_model, self.policy, alpha)
 
-    def evaluation_due(self, resumed_at: int | None) -> bool:
+    def evaluation_due(self) -> bool:
         """Every eval_every examples (at 0 only with do_first_eval), but not again at the step a
-        resumed run starts from."""
+        resumed run starts from: its run evaluated and saved there already."""
         n = self.example_counter
-        return n % self.config.eval_every == 0 and n != resumed_at and (n > 0 or self.config.do_first_eval)
+        return n % self.config.eval_every == 0 and n != self.resumed_at and (n > 0 or self.config.do_first_eval)
 
     def seed_or_restore_rng(self) -> None:
         if self.resumed_rng is None:
@@ -714,21 +713,22 @@ class BasicTrainer:
             "loss": self.objective.state_dict(),
         }
 
-    def restore(self, ckpt_dir: str | Path) -> None:
-        """Continue from a checkpoint: policy, optimizer, scheduler, counters, RNG, data position.
-        Records the abandoned continuation logged past that point are dropped from metrics.jsonl."""
-        state = self.checkpointer.restore(ckpt_dir)
-        self.example_counter = int(state["example_counter"])
+    def restore(self, point: ResumePoint) -> None:
+        """Continue from a resume point: policy, optimizer, scheduler, counters, RNG, data
+        position. Records the abandoned continuation logged past that point are dropped from
+        metrics.jsonl."""
+        state = self.checkpointer.restore(point)
+        self.example_counter = self.resumed_at = point.examples
         if self.rank == 0:
             dropped = drop_metrics_after(self.run_dir, self.example_counter)
             if dropped:
                 self.print(f"metrics.jsonl: dropped {dropped} records logged after {self.example_counter} examples")
-        self.batch_counter = int(state["batch_counter"])
+        self.batch_counter = point.batches
         self.objective.load_state_dict(state.get("loss", {}))
         per_process = state.get("rng_per_process") or []
         # the same number of processes continue each its own random stream; otherwise all take the first's
         self.resumed_rng = per_process[self.rank] if len(per_process) == self.world_size else state["rng"]
-        self.print(f"resumed from {ckpt_dir} at {self.example_counter} examples ({self.batch_counter} updates)")
+        self.print(f"resumed from {point.checkpoint} at {self.example_counter} examples ({self.batch_counter} updates)")
 
 
 class FSDPTrainer(BasicTrainer):

@@ -12,10 +12,12 @@
 from dpokit.checkpoint.checkpointer import Checkpointer, CheckpointSettings, rewrite_file
 from dpokit.checkpoint.discovery import (
     PathKind,
+    ResumePoint,
     checkpoint_dirs,
     kind_of,
     locate,
     newest_complete,
+    resume_point,
     run_config_of,
     step_dir_name,
     step_of,
@@ -47,6 +49,7 @@ __all__ = [
     "CheckpointWriter",
     "Checkpointer",
     "PathKind",
+    "ResumePoint",
     "RetentionPolicy",
     "Storage",
     "apply_retention",
@@ -62,6 +65,7 @@ __all__ = [
     "locate",
     "newest_complete",
     "read_manifest",
+    "resume_point",
     "rewrite_file",
     "run_config_of",
     "select_retained",

@@ -23,12 +23,13 @@ from torch.distributed.tensor import DTensor
 
 from dpokit import lora
 from dpokit.checkpoint import sharded
-from dpokit.checkpoint.discovery import step_dir_name
+from dpokit.checkpoint.discovery import ResumePoint, step_dir_name
 from dpokit.checkpoint.format import (
-    CONTRACT_FILES,
     MANIFEST,
+    OPTIMIZER,
     POLICY,
     REFERENCE,
+    SCHEDULER,
     TRAINER_STATE,
     CheckpointWriter,
     is_sharded,
@@ -44,7 +45,6 @@ from dpokit.errors import CheckpointError
 if TYPE_CHECKING:
     from dpokit.distributed import Distribution
 
-OPTIMIZER, SCHEDULER = CONTRACT_FILES[1], CONTRACT_FILES[2]
 FORMATS = ("full", "sharded")
 
 
@@ -534,24 +534,14 @@ class Checkpointer:
 
     # -- restoring -------------------------------------------------------------------------
 
-    def restore(self, ckpt_dir: str | Path) -> dict:
-        """Load policy, optimizer and scheduler state from a checkpoint (either layout, any
-        number of processes); returns the trainer state (counters, RNG, data position)."""
+    def restore(self, point: ResumePoint) -> dict:
+        """Load policy, optimizer and scheduler state from the checkpoint of a resume point
+        (either layout, any number of processes; `resume_point` has checked it holds them);
+        returns the trainer state (counters, RNG, data position)."""
         from dpokit.models import check_state_dict_fits
 
-        ckpt_dir = Path(ckpt_dir)
+        ckpt_dir = point.checkpoint
         manifest = read_manifest(ckpt_dir)
-        needed = (SCHEDULER, TRAINER_STATE) if is_sharded(manifest) else (OPTIMIZER, SCHEDULER, TRAINER_STATE)
-        missing = [
-            name for name in needed if name not in (manifest or {}).get("files", {}) and not (ckpt_dir / name).is_file()
-        ]
-        if is_sharded(manifest) and not sharded.has_optimizer(ckpt_dir):
-            missing.insert(0, OPTIMIZER)
-        if missing:
-            raise CheckpointError(
-                f"cannot resume from {ckpt_dir}: it has no {missing[0]} (saved with checkpoint.save_optimizer=false or by "
-                f"another tool); start a new run from its weights with model.archive={ckpt_dir} instead"
-            )
         reference = self.reference
         if reference is not None and not self._holds_reference(ckpt_dir, manifest):
             self.log(f"note: {ckpt_dir} holds no reference weights (saved without loss.sync_ref_model); the reference "

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from dpokit.checkpoint.format import POLICY, is_sharded, manifest_step, read_manifest, verify_dir
+from dpokit.checkpoint.format import (
+    OPTIMIZER,
+    POLICY,
+    SCHEDULER,
+    TRAINER_STATE,
+    is_sharded,
+    load_payload,
+    manifest_step,
+    read_manifest,
+    verify_dir,
+)
 from dpokit.checkpoint.storage import LATEST
 from dpokit.errors import CheckpointError
 
@@ -76,12 +87,13 @@ def newest_complete(run_dir: Path, checksums: bool = True, log: Callable[[str], 
 Purpose = Literal["archive", "resume", "weights"]
 
 
-def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = print) -> Path:
+def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = print, checksums: bool = True) -> Path:
     """The checkpoint a user means by `path`.
 
     archive / weights: the `policy.pt` file to load (a file, a checkpoint directory, or a run
     directory's LATEST, else its newest complete checkpoint). resume: the checkpoint directory,
-    verified (a run directory: its newest complete checkpoint).
+    verified (a run directory: its newest complete checkpoint; checksums=False: verified
+    without reading the files through).
     """
     p = Path(path).expanduser()
     kind = kind_of(p)
@@ -91,11 +103,11 @@ def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = prin
     if purpose == "resume":
         ckpt = p.parent if kind is PathKind.FILE else p
         if kind_of(ckpt) is PathKind.CHECKPOINT:
-            problem = verify_dir(ckpt)
+            problem = verify_dir(ckpt, checksums=checksums)
             if problem is not None:
                 raise CheckpointError(f"cannot resume from {ckpt}: {problem}")
             return ckpt
-        found = newest_complete(ckpt, log=log)
+        found = newest_complete(ckpt, checksums=checksums, log=log)
         if found is None:
             raise CheckpointError(f"resume path {p} holds no complete checkpoint")
         return found
@@ -141,3 +153,44 @@ def run_config_of(ckpt_dir: Path) -> dict | None:
         loaded = OmegaConf.to_container(OmegaConf.load(config_yaml))
         return loaded if isinstance(loaded, dict) else None
     return None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues: a verified checkpoint directory and how far its run had come.
+    Decided once, by the first process, and sent to every other."""
+
+    checkpoint: Path
+    examples: int  # training examples consumed
+    batches: int  # global batches (optimizer steps) consumed
+
+    @property
+    def is_end(self) -> bool:
+        """LATEST: the state the run ended in (a step-* directory is one of its evaluations)."""
+        return self.checkpoint.name == LATEST
+
+
+def resume_point(ckpt_dir: Path) -> ResumePoint:
+    """The resume point at a (located, verified) checkpoint directory; refused in one sentence
+    when it lacks what resuming needs beyond the weights (optimizer, scheduler, trainer state),
+    before any model is built."""
+    from dpokit.checkpoint import sharded
+
+    manifest = _manifest_or_none(ckpt_dir)
+    needed = (SCHEDULER, TRAINER_STATE) if is_sharded(manifest) else (OPTIMIZER, SCHEDULER, TRAINER_STATE)
+    files = (manifest or {}).get("files", {})
+    missing = [name for name in needed if name not in files and not (ckpt_dir / name).is_file()]
+    if is_sharded(manifest) and not sharded.has_optimizer(ckpt_dir):
+        missing.insert(0, OPTIMIZER)
+    if missing:
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: it has no {missing[0]} (saved with checkpoint.save_optimizer=false or by "
+            f"another tool); start a new run from its weights with model.archive={ckpt_dir} instead"
+        )
+    state = load_payload(ckpt_dir / TRAINER_STATE)["state"]
+    try:
+        return ResumePoint(ckpt_dir, int(state["example_counter"]), int(state["batch_counter"]))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: its {TRAINER_STATE} holds no training counters"
+        ) from None

@@ -24,8 +24,8 @@ import torch
 from dpokit.checkpoint.storage import FileRecord, atomic_write, atomic_write_bytes, fsync_dir, os_failure
 from dpokit.errors import CheckpointError
 
-POLICY = "policy.pt"
-CONTRACT_FILES = (POLICY, "optimizer.pt", "scheduler.pt")
+POLICY, OPTIMIZER, SCHEDULER = "policy.pt", "optimizer.pt", "scheduler.pt"
+CONTRACT_FILES = (POLICY, OPTIMIZER, SCHEDULER)
 TRAINER_STATE = "trainer_state.pt"
 REFERENCE = "reference.pt"  # TR-DPO (loss.sync_ref_model): the reference model's weights, which training changes
 MANIFEST = "manifest.json"
