@@ -54,7 +54,7 @@ from train_throughput import BIN, model_dir, say_run, timed_process  # noqa: E40
 
 # what the reference imports beyond torch, transformers and datasets, at versions it ran with here
 REFERENCE_PACKAGES = ["hydra-core==1.3.2", "wandb==0.31.0", "tensor_parallel==2.0.0", "beautifulsoup4==4.15.0",
-                      "accelerate==1.15.0", "setuptools<81"]  # fmt: skip  # tensor_parallel imports pkg_resources
+                      "accelerate", "setuptools<81"]  # fmt: skip  # accelerate: constraints.txt pins it; tensor_parallel imports pkg_resources
 WORKLOADS = {
     "cpu": {"model": "tiny", "batch_size": 8, "max_length": 256, "max_prompt_length": 128, "n_examples": 192,
             "reference_dtype": "float32"},
