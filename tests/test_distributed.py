@@ -371,6 +371,92 @@ def test_killed_workers_are_restarted_and_finish_with_the_uninterrupted_weights(
     assert_bitwise_equal(policy(run), policy(dpo_full))
 
 
+# ============================================================================================
+# two machines, as the README starts them: one torchrun agent per machine, c10d rendezvous
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _agent(node: int, port: int, args: list[str], log: Path, cwd: Path | None = None):
+    """One machine's torchrun agent (`--nnodes=2 --nproc_per_node=1`), in its own session so that
+    the whole machine can be killed at once. Both agents run here: the run directory is shared."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-machines",
+           "--monitor-interval=0.1", "-m", "dpokit.train", "trainer=FSDPTrainer", *args]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **CPU_ONLY}
+    with open(log, "a") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+
+def _start_host(port: int, args: list[str], log: Path, cwd: Path | None = None):
+    """The first machine's agent, once it hosts the rendezvous store (both agents would try to;
+    the one that binds the port first does, the other connects to it)."""
+    import socket
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    host = _agent(0, port, args, log, cwd=cwd)
+    _wait_for(lambda: listening() or host.poll() is not None, "the rendezvous store")
+    return host
+
+
+def _two_machines(args: list[str], logs: Path, timeout: int = 300, cwds: tuple = (None, None)) -> list[int]:
+    """Both agents to their end; their exit codes."""
+    port = _free_port()
+    agents = [_start_host(port, args, logs / "node0.txt", cwd=cwds[0])]
+    agents.append(_agent(1, port, args, logs / "node1.txt", cwd=cwds[1]))
+    try:
+        return [a.wait(timeout=timeout) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)
+
+
+def _logs(logs: Path) -> str:
+    return "".join(p.read_text()[-3000:] for p in sorted(logs.glob("node*.txt")))
+
+
+def test_two_machines_train_as_one_job_in_both_checkpoint_formats(dpo_full, tmp_path):
+    """SFT (full checkpoints) and DPO (sharded) on two torchrun agents of one process each are
+    the 2-process job on one machine (torchrun --standalone, one thread per process in both),
+    bit for bit: the same world size, the same arithmetic."""
+    sft, dpo = tmp_path / "sft", tmp_path / "dpo"
+    torchrun(*SFT_SGD, "exp_name=sft", f"local_run_dir={tmp_path / 'sft_one_machine'}")
+    assert _two_machines([*SFT_SGD, "exp_name=sft", f"local_run_dir={sft}"], tmp_path) == [0, 0], _logs(tmp_path)
+    assert_bitwise_equal(policy(sft), policy(tmp_path / "sft_one_machine"))
+    args = [*DPO, "exp_name=dpo", f"local_run_dir={dpo}", "checkpoint.format=sharded"]
+    assert _two_machines(args, tmp_path) == [0, 0], _logs(tmp_path)
+    assert train_losses(dpo) == train_losses(dpo_full)
+    result = run_cli_cpu("ckpt", "consolidate", str(dpo / "LATEST"), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert_bitwise_equal(policy(tmp_path / "out", "."), policy(dpo_full))
+
+
+def test_a_run_directory_each_machine_sees_its_own_copy_of_is_refused(tmp_path):
+    """Machines that do not share the run directory: the same relative local_run_dir names a
+    different directory on each (here: each agent in its own working directory). Every process
+    stops with one sentence naming the processes that do not see it, before any model is built,
+    and the run directory the first one had just made is removed."""
+    cwds = (tmp_path / "machine0", tmp_path / "machine1")
+    for d in cwds:
+        d.mkdir()
+    codes = _two_machines([*DPO, "exp_name=dpo", "local_run_dir=runs/dpo", "local_dirs=[cache]"], tmp_path, cwds=cwds)
+    text = _logs(tmp_path)
+    assert codes != [0, 0], text
+    assert "is not shared: process(es) 1 (on" in text and "shared file system" in text, text
+    assert "building policy" not in text, text
+    assert not any((d / "runs" / "dpo").exists() for d in cwds), text
+
+
 def test_precomputed_reference_log_probs_match_one_process(tmp_path):
     """Each process computes the reference log-probs of its half of every batch; gathered into
     the table by item index they are one process's, up to float32 rounding (4 pairs per forward

@@ -546,12 +546,15 @@ def new_run_dir(exp_name: str, local_dirs: list[str]) -> str:
     return os.path.join(get_local_dir(local_dirs), f"{exp_name}_{timestamp}")
 
 
+CONFIG_FILE = "config.yaml"  # the run's resolved config, in its run directory
+
+
 def save_config(cfg: DictConfig, run_dir: str) -> None:
     from dpokit.checkpoint import atomic_write_bytes
 
     try:
         os.makedirs(run_dir, exist_ok=True)
-        atomic_write_bytes(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg).encode())
+        atomic_write_bytes(os.path.join(run_dir, CONFIG_FILE), OmegaConf.to_yaml(cfg).encode())
     except (OSError, DpokitError) as err:
         key = "local_run_dir" if cfg.local_run_dir else "local_dirs"
         reason = err.strerror if isinstance(err, OSError) else str(err)

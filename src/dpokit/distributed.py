@@ -10,9 +10,12 @@ The training loop is the same for both.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import socket
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -527,6 +530,28 @@ def decided_by_main(decide: Any) -> Any:
     if error is not None:
         raise error
     return result
+
+
+def check_shared(path: Path, digest: str) -> None:
+    """Every process reads the file the first one wrote at `path` (sha256 `digest`), so the
+    directory holding it is one directory for the whole job, not a same-named one on each
+    machine. Collective; refused on every process, naming those that do not see it."""
+    if not torch_dist.is_initialized():
+        return
+    try:
+        mine: str | None = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        mine = None
+    seen: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(seen, (mine == digest, socket.gethostname()))
+    blind = [f"{rank} (on {host})" for rank, (same, host) in enumerate(seen) if not same]
+    if blind:
+        raise ConfigError(
+            f"the run directory {path.parent} is not shared: process(es) {', '.join(blind)} do not see the "
+            f"{path.name} the first process wrote there; every machine of a job must reach the run directory on "
+            f"a shared file system (set local_run_dir or local_dirs to a path they share), because checkpoints, "
+            f"their shards and resume=auto live there"
+        )
 
 
 def shutdown(finished: bool = False) -> None:

@@ -10,8 +10,10 @@ and the checkpoint to resume from, and every other process receives its decision
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Any
 
 from dpokit import distributed, lora, loss_registry, tracking
 from dpokit.checkpoint import ResumePoint, newest_complete
-from dpokit.errors import Interrupted, run_guarded
+from dpokit.config import CONFIG_FILE
+from dpokit.errors import ConfigError, Interrupted, run_guarded
 from dpokit.launch import launch
 from dpokit.startup import Prepared, launch_config, prepare, summary
 
@@ -44,11 +47,18 @@ def main(argv: list[str] | None = None) -> dict:
 
         def decide() -> tuple:
             prepared.append(prepare(argv, world_size))
-            return prepared[0].cfg, prepared[0].resume, prepared[0].finished
+            written = hashlib.sha256((Path(prepared[0].cfg.local_run_dir) / CONFIG_FILE).read_bytes()).hexdigest()
+            return prepared[0].cfg, prepared[0].resume, prepared[0].finished, written
 
         # one decision (config, resume point, whether the run is over), made by the first process
-        cfg, resume, finished = distributed.decided_by_main(decide)
+        cfg, resume, finished, written = distributed.decided_by_main(decide)
         run_dir = Path(cfg.local_run_dir)
+        try:  # one run directory, not one per machine
+            distributed.check_shared(run_dir / CONFIG_FILE, written)
+        except ConfigError:
+            if rank == 0 and [p.name for p in run_dir.iterdir()] == [CONFIG_FILE]:  # made just now, for nothing
+                shutil.rmtree(run_dir)
+            raise
         with tracking.console_copied_to(run_dir / tracking.TRAIN_LOG, enabled=rank == 0):
             say = print if rank == 0 else (lambda *a, **k: None)
             say(summary(cfg))
