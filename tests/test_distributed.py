@@ -171,6 +171,13 @@ def test_two_processes_match_one_process_with_sgd(sft_sgd):
     assert (one[key] - initial).abs().max() > 1000 * (one[key] - two[key]).abs().max()
 
 
+def test_dpokits_launcher_and_torchrun_run_the_same_job_bit_for_bit(sft_sgd, tmp_path):
+    """`dpokit train trainer=FSDPTrainer nproc=2` starts its processes as torchrun does, one
+    intra-op thread each (another thread count sums the matmuls in another order)."""
+    torchrun(*SFT_SGD, "exp_name=sft", f"local_run_dir={tmp_path / 'torchrun'}")
+    assert_bitwise_equal(policy(tmp_path / "torchrun"), policy(sft_sgd["two"]))
+
+
 def test_two_process_policy_loads_into_a_plain_model(sft_sgd):
     from dpokit.models import load_model
 
@@ -425,14 +432,12 @@ def _logs(logs: Path) -> str:
     return "".join(p.read_text()[-3000:] for p in sorted(logs.glob("node*.txt")))
 
 
-def test_two_machines_train_as_one_job_in_both_checkpoint_formats(dpo_full, tmp_path):
+def test_two_machines_train_as_one_job_in_both_checkpoint_formats(sft_sgd, dpo_full, tmp_path):
     """SFT (full checkpoints) and DPO (sharded) on two torchrun agents of one process each are
-    the 2-process job on one machine (torchrun --standalone, one thread per process in both),
-    bit for bit: the same world size, the same arithmetic."""
+    the 2-process job on one machine, bit for bit: the same world size, the same arithmetic."""
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
-    torchrun(*SFT_SGD, "exp_name=sft", f"local_run_dir={tmp_path / 'sft_one_machine'}")
     assert _two_machines([*SFT_SGD, "exp_name=sft", f"local_run_dir={sft}"], tmp_path) == [0, 0], _logs(tmp_path)
-    assert_bitwise_equal(policy(sft), policy(tmp_path / "sft_one_machine"))
+    assert_bitwise_equal(policy(sft), policy(sft_sgd["two"]))
     args = [*DPO, "exp_name=dpo", f"local_run_dir={dpo}", "checkpoint.format=sharded"]
     assert _two_machines(args, tmp_path) == [0, 0], _logs(tmp_path)
     assert train_losses(dpo) == train_losses(dpo_full)

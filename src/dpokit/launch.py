@@ -7,6 +7,7 @@ launcher that sets its environment) nothing is launched: the process trains.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import uuid
 
@@ -46,6 +47,10 @@ def launch(argv: list[str], cfg: DictConfig) -> int:
         rdzv_endpoint=endpoint,
         rdzv_configs={"rank": 0} if backend == "static" else {},
     )
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # as torchrun does: one intra-op thread per process unless told otherwise, so processes do
+        # not oversubscribe the cores, and a job gives the same bits whichever of the two started it
+        os.environ["OMP_NUM_THREADS"] = "1"
     print(f"dpokit: starting {nproc} processes (torchrun) for trainer=FSDPTrainer", flush=True)
     # The processes say why they stop (one sentence for a user error, a traceback for a bug);
     # the launcher's own log of which process ended how would only repeat it.
