@@ -25,24 +25,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import resources
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora import gpt2_124m  # noqa: E402
 
 COMMON = ["model.block_name=GPT2Block", "loss=sft", "optimizer=AdamW", "batch_size=2", "max_length=64",
           "max_prompt_length=32", "eval_every=100000000", "do_first_eval=false", "final_eval=false",
           "sample_during_eval=false", "n_eval_examples=2", "eval_batch_size=2", "minimum_log_interval_secs=0",
           "device=cpu", "warmup_steps=1", "exp_name=resume"]  # fmt: skip
-
-
-def gpt2_124m(root: Path) -> str:
-    from transformers import GPT2Config
-
-    out = root / "gpt2-124m"
-    out.mkdir(parents=True, exist_ok=True)
-    GPT2Config(bos_token_id=0, eos_token_id=0).save_pretrained(out)  # GPT-2's sizes: 124M parameters
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(str(resources.files("dpokit") / "assets/tiny" / f)), out / f)
-    return str(out)
 
 
 def dpokit(args: list[str], src: str | None, until: str | None = None) -> float:
