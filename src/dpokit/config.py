@@ -550,10 +550,10 @@ CONFIG_FILE = "config.yaml"  # the run's resolved config, in its run directory
 
 
 def save_config(cfg: DictConfig, run_dir: str) -> None:
-    from dpokit.checkpoint import atomic_write_bytes
+    from dpokit.checkpoint import atomic_write_bytes, make_dirs
 
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        make_dirs(run_dir)
         atomic_write_bytes(os.path.join(run_dir, CONFIG_FILE), OmegaConf.to_yaml(cfg).encode())
     except (OSError, DpokitError) as err:
         key = "local_run_dir" if cfg.local_run_dir else "local_dirs"

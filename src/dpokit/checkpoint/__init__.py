@@ -36,7 +36,7 @@ from dpokit.checkpoint.format import (
     verify_dir,
 )
 from dpokit.checkpoint.retention import RetentionPolicy, apply_retention, best_of, select_retained
-from dpokit.checkpoint.storage import LATEST, Storage, atomic_write, atomic_write_bytes, fsync_dir
+from dpokit.checkpoint.storage import LATEST, Storage, atomic_write, atomic_write_bytes, fsync_dir, make_dirs
 
 __all__ = [
     "CONTRACT_FILES",
@@ -59,6 +59,7 @@ __all__ = [
     "checkpoint_dirs",
     "checksum_file",
     "fsync_dir",
+    "make_dirs",
     "is_sharded",
     "kind_of",
     "load_payload",

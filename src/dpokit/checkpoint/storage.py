@@ -36,6 +36,20 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | os.PathLike, fsync: bool = True) -> None:
+    """`mkdir -p path`; with `fsync`, each directory made is durable in its parent (a directory's
+    new entry survives power loss only once the directory holding it is fsynced)."""
+    path = Path(path)
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        if fsync:
+            fsync_dir(new.parent)
+
+
 def os_failure(action: str, path: str | os.PathLike, err: OSError) -> CheckpointError:
     return CheckpointError(f"cannot {action} {path}: {err.strerror or err}")
 
@@ -123,7 +137,7 @@ class Storage:
         parent = Path(parent) if parent is not None else self.root
         staging = parent / (name or f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(parent, self.fsync)
             staging.mkdir()
         except OSError as err:
             raise os_failure("create", staging, err) from None
