@@ -29,7 +29,7 @@ from dpokit.checkpoint.format import (
     manifest_step,
     read_manifest,
 )
-from dpokit.checkpoint.storage import FileRecord, Storage
+from dpokit.checkpoint.storage import FileRecord, Storage, fsync_dir
 from dpokit.distributed import share_tied, single_process_dcp_is_intended
 from dpokit.errors import CheckpointError
 
@@ -54,6 +54,8 @@ def write(staging: Path, state: dict, rank: int, fsync: bool = True, group: Any 
             raise CheckpointError(write_failure(next(iter(err.failures.values()))[0], err)) from None
         except (OSError, RuntimeError) as err:
             raise CheckpointError(write_failure(err, err)) from None
+    if fsync:  # DCP fsyncs its files, not the directory that names them: without this a power cut loses them
+        fsync_dir(out)
     mine = {}
     for p in sorted(out.iterdir()):
         if p.name.startswith(f"__{rank}_") or (rank == 0 and p.name == METADATA):
