@@ -141,6 +141,7 @@ class Checkpointer:
             self.log(f"WARNING: checkpoint not saved ({err}); training goes on (checkpoint.on_error=warn)")
             return None
         seconds = time.perf_counter() - start
+        self.log(f"saved checkpoint to {target}")  # published and, with checkpoint.fsync, durable
         if target.parent == self.run_dir and self.dist.is_main:
             self._retain()
         self.dist.barrier()
@@ -462,6 +463,8 @@ class Checkpointer:
                 torch.cuda.set_device(self.dist.device)
             self._copy_pending(pending)
             error = write()
+            if error is None:
+                self.log(f"saved checkpoint to {target} (in the background)")
             if error is None and self.dist.is_main and target.parent == self.run_dir:
                 self._retain()
         except BaseException as err:  # a bug: surfaced, with its traceback, at the next wait()
