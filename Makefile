@@ -19,6 +19,7 @@ demo: install
 	bash scripts/demo.sh $(DEMO_DIR) $(DEMO_ARGS)
 
 test: install-dev
+	bash scripts/setup_fuse.sh
 	$(PY) -m pytest -q tests
 
 lint: install-dev
