@@ -206,7 +206,8 @@ def cut_cycle(work: Path, spec: str | None, examples: int, extra: list[str], rep
     report.points[kind] = report.points.get(kind, 0) + 1
     disk_run = mount.disk / "run"
     for path in _reported(stdout, mount.point, mount.disk):
-        reported_before[path.name] = _step_of(path) if path.name == "LATEST" else 0
+        # LATEST is saved after the run's last step: its step is the examples the run trains on
+        reported_before[path.name] = examples if path.name == "LATEST" else 0
     for name, step in sorted(reported_before.items()):
         path = disk_run / name
         if not path.is_dir():
