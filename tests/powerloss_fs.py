@@ -271,21 +271,19 @@ class PowerLossFS(fuse.Operations):
 
         return self._op("mkdir", path, apply)
 
-    def rmdir(self, path: str) -> int:
+    def _remove(self, kind: str, path: str, remove: Any) -> int:
         def apply() -> None:
-            os.rmdir(self._real(path))
+            remove(self._real(path))
             parent, name = self._parent(path)
             del self.nodes[parent].entries[name]
 
-        return self._op("rmdir", path, apply)
+        return self._op(kind, path, apply)
+
+    def rmdir(self, path: str) -> int:
+        return self._remove("rmdir", path, os.rmdir)
 
     def unlink(self, path: str) -> int:
-        def apply() -> None:
-            os.unlink(self._real(path))
-            parent, name = self._parent(path)
-            del self.nodes[parent].entries[name]
-
-        return self._op("unlink", path, apply)
+        return self._remove("unlink", path, os.unlink)
 
     def symlink(self, target: str, source: str) -> int:
         def apply() -> None:  # `target` is the new link's path, `source` what it points to
