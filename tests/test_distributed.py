@@ -549,6 +549,13 @@ def test_lora_on_two_processes_matches_one_in_both_layouts_and_resumes(tmp_path)
     adapted = PeftModel.from_pretrained(load_model("tiny"), str(two / "LATEST" / "adapter")).eval()
     ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    # without merged weights: the adapter alone, which merges into the same bits
+    from dpokit.weights import read_policy
+
+    adapter_only = tmp_path / "adapter_only"
+    torchrun(*args, "exp_name=ao", f"local_run_dir={adapter_only}", "lora.save_merged=false")
+    assert not (adapter_only / "LATEST" / "policy.pt").exists()
+    assert_bitwise_equal(read_policy(adapter_only)["state"], policy(two))
 
     resumed = cut_after(two, tmp_path / "resumed", keep="step-8")
     one_process(f"resume={resumed}", "trainer=BasicTrainer")

@@ -228,3 +228,76 @@ def test_lora_sft_then_dpo_on_a_tiny_llama(train, tmp_path):
     merged.load_state_dict(load(dpo / "LATEST" / "policy.pt")["state"])
     ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(adapted(ids).logits, merged.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_without_merged_weights_a_checkpoint_holds_the_adapter_and_every_reader_merges_it(train, tmp_path):
+    """lora.save_merged=false: no policy.pt; model.archive, ckpt export and ckpt diff merge the
+    adapter into the base its run started from (here itself such a checkpoint: LoRA SFT -> LoRA
+    DPO), to the very numbers the merged policy.pt has; resume needs no policy.pt; a base that
+    is gone is named in one sentence."""
+    from dpokit.weights import read_policy
+
+    args = [*LORA, "lora.target_modules=[c_attn,c_proj]", *SHORT]
+    runs = {}
+    for merged in ("true", "false"):
+        save = [f"lora.save_merged={merged}"]
+        sft = Path(train(*args, *save, "loss=sft", exp_name=f"sft_{merged}")["run_dir"])
+        dpo = train(*args, *save, "loss=dpo", "loss.beta=0.1", f"model.archive={sft}", exp_name=f"dpo_{merged}")
+        runs[merged] = (sft, Path(dpo["run_dir"]))
+    for run in runs["false"]:
+        for ckpt in ("step-4", "LATEST"):
+            d = run / ckpt
+            assert not (d / "policy.pt").exists() and (d / lora.ADAPTER_WEIGHTS).is_file()
+            assert json.loads((d / "manifest.json").read_text())["layout"] == "adapter"
+    for kept, adapter_only in zip(runs["true"], runs["false"], strict=True):
+        expected = load(kept / "LATEST" / "policy.pt")["state"]
+        got = read_policy(adapter_only)["state"]
+        assert list(got) == list(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
+    sft, dpo = runs["false"]
+    verify = run_cli("ckpt", "verify", str(dpo))
+    assert verify.returncode == 0 and verify.stdout.count("OK ") == 2, verify.stdout
+    diff = run_cli("ckpt", "diff", str(runs["true"][1]), str(dpo), "--tolerance", "0")
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    show = run_cli("ckpt", "show", str(dpo / "LATEST"))
+    assert "the LoRA adapter alone (lora.save_merged=false)" in show.stdout, show.stdout + show.stderr
+    assert run_cli("ckpt", "export", str(dpo), str(tmp_path / "hf")).returncode == 0
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    expected = load(runs["true"][1] / "LATEST" / "policy.pt")["state"]
+    assert all(torch.equal(exported[k], expected[k]) for k in exported)
+
+    # resuming reads the adapter and the optimizer, never a policy.pt
+    resumed = train(*args, "lora.save_merged=false", "loss=dpo", "loss.beta=0.1", f"model.archive={sft}",
+                    f"resume={dpo / 'step-4'}", exp_name="resumed")  # fmt: skip
+    adapter = (Path(resumed["run_dir"]) / "LATEST" / lora.ADAPTER_WEIGHTS).read_bytes()
+    assert adapter == (dpo / "LATEST" / lora.ADAPTER_WEIGHTS).read_bytes()
+
+    # rewriting one file of such a checkpoint (the reference's write_state_dict) keeps its adapter and layout
+    from dpokit.checkpoint import Storage, rewrite_file, verify_dir
+
+    step = dpo / "step-4"
+    rewrite_file(Storage(dpo), step, "scheduler.pt", 4, {"last_epoch": 1}, {})
+    assert json.loads((step / "manifest.json").read_text())["layout"] == "adapter"
+    assert verify_dir(step) is None and (step / lora.ADAPTER_WEIGHTS).is_file()
+
+    # the base moved away: one sentence naming it, from every reader
+    sft.rename(sft.with_name(sft.name + "_moved"))
+    for cmd in (["export", str(dpo), str(tmp_path / "hf2")], ["verify", str(dpo / "LATEST")]):
+        out = run_cli("ckpt", *cmd)
+        assert out.returncode != 0 and f"the base of {dpo / 'LATEST'} is gone" in out.stdout + out.stderr, out
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_save_merged_false_without_lora_or_with_sharded_checkpoints_is_refused(tmp_path):
+    from dpokit.train import main
+
+    for args, pattern in (
+        (["lora.save_merged=false"], r"'lora.save_merged=false' needs lora.enabled=true"),
+        (["lora.save_merged=false", *LORA, "checkpoint.format=sharded"],
+         r"'lora.save_merged=false' applies to checkpoint.format=full"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=pattern):
+            main([*FAST, "exp_name=bad", f"local_dirs=[{tmp_path / 'runs'}]", *args])
+    assert not (tmp_path / "runs").exists()

@@ -17,12 +17,6 @@ from dpokit.errors import EXIT_USER_ERROR, DpokitError, run_guarded
 # ckpt tools
 
 
-def _policy_path(path: Path) -> Path:
-    from dpokit.checkpoint import locate
-
-    return locate(path, "weights")
-
-
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -41,7 +35,7 @@ def _describe_state(state: dict) -> str:
 
 
 def cmd_show(path: Path) -> int:
-    from dpokit.checkpoint import CONTRACT_FILES, is_sharded, load_payload, read_manifest
+    from dpokit.checkpoint import CONTRACT_FILES, is_adapter_only, is_sharded, load_payload, read_manifest
 
     if not path.exists():
         raise DpokitError(f"{path} does not exist")
@@ -64,6 +58,10 @@ def cmd_show(path: Path) -> int:
             loss = (manifest.get("config") or {}).get("loss", {})
             if model:
                 print(f"  model: {model.get('name_or_path')}, loss: {loss.get('name')}")
+            if is_adapter_only(manifest):
+                base = manifest.get("base") or {}
+                print(f"  weights: the LoRA adapter alone (lora.save_merged=false), merged when read into its base "
+                      f"{base.get('name_or_path')}" + (f" + {base['archive']}" if base.get("archive") else ""))  # fmt: skip
             if sharded:
                 shards = {k: v for k, v in manifest["files"].items() if "/" in k}
                 size = sum(v["size"] for v in shards.values())
@@ -97,17 +95,19 @@ def cmd_show(path: Path) -> int:
 
 
 def cmd_verify(path: Path) -> int:
-    from dpokit.checkpoint import PathKind, checkpoint_dirs, kind_of, verify_dir
+    from dpokit.checkpoint import PathKind, checkpoint_dir_of, checkpoint_dirs, kind_of, verify_dir
 
     if not path.exists():
         print(f"FAIL {path}: does not exist")
         return 1
     if path.is_file():
-        path = path.parent
+        path = checkpoint_dir_of(path)
+    from dpokit.weights import base_problem
+
     targets = [p for _, p in checkpoint_dirs(path)] if kind_of(path) is PathKind.RUN else [path]
     bad = 0
     for target in targets:
-        problem = verify_dir(target)
+        problem = verify_dir(target) or base_problem(target)
         if problem is None:
             print(f"OK {target}")
         else:
@@ -117,9 +117,9 @@ def cmd_verify(path: Path) -> int:
 
 
 def cmd_diff(a: Path, b: Path, tolerance: float) -> int:
-    from dpokit.checkpoint import load_payload
+    from dpokit.weights import read_policy
 
-    sa, sb = load_payload(_policy_path(a))["state"], load_payload(_policy_path(b))["state"]
+    sa, sb = (read_policy(p, "weights", log=lambda _m: None)["state"] for p in (a, b))
     only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
     differing = []
     for key in (k for k in sa if k in sb):

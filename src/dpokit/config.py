@@ -146,6 +146,11 @@ class LoraConfig:
     modules_to_save: Optional[list[str]] = _doc(
         "modules trained in full beside the adapters (e.g. [lm_head]); null: none", None
     )
+    save_merged: bool = _doc(
+        "write the merged weights (policy.pt) in every checkpoint; false: the adapter alone, merged into the base "
+        "(model.name_or_path + model.archive, which must then stay where they are) when read",
+        True,
+    )
 
 
 @dataclass
@@ -623,6 +628,10 @@ def help_text() -> str:
 def validate_lora(cfg: DictConfig) -> None:
     """LoRA's keys, and what it cannot serve yet; each in one sentence before any model is built."""
     lo = cfg.lora
+    if not lo.enabled and not lo.save_merged:
+        raise ConfigError(
+            "config key 'lora.save_merged=false' needs lora.enabled=true: without adapters, policy.pt is what trained"
+        )
     if not lo.enabled:
         return
     from dpokit import lora
@@ -638,6 +647,11 @@ def validate_lora(cfg: DictConfig) -> None:
         raise ConfigError(
             "config key 'loss.sync_ref_model' cannot be used with lora.enabled=true: TR-DPO moves the reference, "
             "and a LoRA run's reference is the frozen base model"
+        )
+    if cfg.checkpoint.format == "sharded" and not lo.save_merged:
+        raise ConfigError(
+            "config key 'lora.save_merged=false' applies to checkpoint.format=full: a sharded checkpoint holds no "
+            "policy.pt already (dpokit ckpt consolidate writes it)"
         )
     if cfg.checkpoint.format == "sharded" and lo.modules_to_save:
         raise ConfigError(

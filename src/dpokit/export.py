@@ -6,18 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpokit.checkpoint import Storage, load_payload, locate, run_config_of
+from dpokit.checkpoint import Storage, checkpoint_dir_of, locate, run_config_of
 from dpokit.errors import CheckpointError, DpokitError
 
 
 def base_model_of(policy_path: Path) -> tuple[str, str | None]:
     """(model.name_or_path, model.tokenizer_name_or_path) of the run that wrote the checkpoint:
     from the checkpoint's manifest, else the run's config.yaml beside the checkpoint directory."""
-    config = run_config_of(policy_path.parent)
+    ckpt_dir = checkpoint_dir_of(policy_path)
+    config = run_config_of(ckpt_dir)
     if config is None:
         raise DpokitError(
             f"cannot tell the base model of {policy_path}: no manifest config and no "
-            f"{policy_path.parent.parent / 'config.yaml'}; pass --model NAME_OR_PATH"
+            f"{ckpt_dir.parent / 'config.yaml'}; pass --model NAME_OR_PATH"
         )
     model = config.get("model") or {}
     if not model.get("name_or_path"):
@@ -41,7 +42,7 @@ def export_adapter(ckpt: Path, out_dir: Path, force: bool = False) -> Path:
     from dpokit.checkpoint.format import manifest_files
     from dpokit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-    ckpt_dir = locate(ckpt, "weights").parent
+    ckpt_dir = checkpoint_dir_of(locate(ckpt, "weights"))
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, force)
     known = manifest_files(ckpt_dir)
@@ -60,20 +61,21 @@ def export_adapter(ckpt: Path, out_dir: Path, force: bool = False) -> Path:
 
 
 def export_hf(ckpt: Path, out_dir: Path, model_name: str | None = None, force: bool = False) -> Path:
-    """Build the base model, load the policy weights into it and save_pretrained (safetensors).
+    """Build the base model, load the policy weights into it (an adapter-only LoRA checkpoint:
+    merged into its base first) and save_pretrained (safetensors).
 
     Written into a staging directory beside out_dir and renamed into place, so out_dir is either
     absent (or its old content) or a complete export.
     """
     from dpokit.models import check_state_dict_fits, load_model, load_tokenizer
+    from dpokit.weights import read_policy
 
     policy_path = locate(ckpt, "weights")
     base, tokenizer_name = (model_name, None) if model_name else base_model_of(policy_path)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, force)
 
-    payload = load_payload(policy_path)
-    state = payload["state"]
+    state = read_policy(policy_path, "weights", log=lambda _m: None)["state"]
     first = next((v for v in state.values() if hasattr(v, "dtype")), None)
     dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
     model: Any = load_model(base, dtype=dtype)

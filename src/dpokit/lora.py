@@ -17,11 +17,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dpokit.checkpoint.format import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS  # noqa: F401  (re-exported)
 from dpokit.errors import CheckpointError, ConfigError
 
-ADAPTER_DIR = "adapter"  # inside each checkpoint directory: PeftModel.from_pretrained(base, DIR/adapter)
-ADAPTER_CONFIG = f"{ADAPTER_DIR}/adapter_config.json"  # PEFT's file names
-ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/adapter_model.safetensors"
 ADAPTER_NAME = "default"
 
 
@@ -189,20 +187,12 @@ def merged_state(state: dict[str, torch.Tensor], config: dict | None) -> dict[st
     * scaling, in float32 on the CPU for half-precision weights as PEFT does. Needs no model:
     `ckpt consolidate` merges a sharded checkpoint's state with it."""
     deltas: dict[str, torch.Tensor] = {}
-    if config is not None:
-        scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
-        suffix = f".lora_A.{ADAPTER_NAME}.weight"
-        for key in [k for k in state if k.endswith(suffix)]:
-            layer = key[: -len(suffix)]
-            a, b = state[key], state[f"{layer}.lora_B.{ADAPTER_NAME}.weight"]
-            if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
-                a, b = a.float(), b.float()
-            delta = b @ a
-            if config.get("fan_in_fan_out"):
-                delta = delta.T
-            own = _own_name(f"{layer}.base_layer.weight")
-            assert own is not None
-            deltas[own] = delta * scale
+    suffix = f".lora_A.{ADAPTER_NAME}.weight"
+    for key in [k for k in state if k.endswith(suffix)] if config is not None else []:
+        layer = key[: -len(suffix)]
+        own = _own_name(f"{layer}.base_layer.weight")
+        assert own is not None and config is not None
+        deltas[own] = _delta(state[key], state[f"{layer}.lora_B.{ADAPTER_NAME}.weight"], config)
     merged: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         own = _own_name(name)
@@ -210,6 +200,37 @@ def merged_state(state: dict[str, torch.Tensor], config: dict | None) -> dict[st
             continue
         tensor = tensor.detach()
         merged[own] = (tensor + deltas[own].to(tensor.dtype)) if own in deltas else tensor
+    return merged
+
+
+def _delta(a: torch.Tensor, b: torch.Tensor, config: dict) -> torch.Tensor:
+    """One adapter's change to its weight, as PEFT's get_delta_weight computes it."""
+    scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    delta = b @ a
+    return (delta.T if config.get("fan_in_fan_out") else delta) * scale
+
+
+def merge_saved(base: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The merged weights from the base state dict (the model's own names) and an adapter file's
+    tensors (PEFT's file names, `adapter_weights`): the numbers `merged_state` gives for the
+    training model, so a checkpoint without policy.pt (lora.save_merged=false) merges to the
+    policy.pt it would have had. A lora.modules_to_save module's trained copy replaces the base's."""
+    prefix = "base_model.model."
+    merged = dict(base)
+    for key, tensor in saved.items():
+        name = key.removeprefix(prefix)
+        if ".lora_A." in name:
+            weight = name.split(".lora_A.")[0] + ".weight"
+            if weight not in base:
+                raise CheckpointError(f"the adapter adapts {weight}, which its base model does not have")
+            b = saved[key.replace(".lora_A.", ".lora_B.")]
+            merged[weight] = base[weight] + _delta(tensor, b, config).to(base[weight].dtype)
+        elif ".lora_" not in name:
+            if name not in base:
+                raise CheckpointError(f"the adapter holds {name}, which its base model does not have")
+            merged[name] = tensor
     return merged
 
 

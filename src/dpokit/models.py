@@ -1,10 +1,10 @@
 """Models and tokenizers: Hugging Face loading (hub names and local directories), the bundled
-tiny model, and `model.archive` loading with a clear error when the weights do not fit."""
+tiny model, and a clear error when weights do not fit a model (`model.archive` is read by
+`dpokit.weights`)."""
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from dpokit.checkpoint import load_payload, locate
 from dpokit.errors import CheckpointError, DpokitError
 
 BUNDLED_MODELS = {"tiny": "assets/tiny"}
@@ -170,33 +169,3 @@ def check_state_dict_fits(model: torch.nn.Module, state: dict, source: str) -> N
     raise CheckpointError(
         f"{source} does not fit model {type(model).__name__}: {len(expected)} keys expected, " + "; ".join(parts)
     )
-
-
-def check_archive(archive: str, name_or_path: str, log=print) -> Path:
-    """`model.archive` exists, is a checkpoint, and its tensors fit the model: names and shapes
-    read from the file's index (memory-mapped) against the weightless model, so no weights are
-    loaded and no model is built to find out."""
-    path = locate(archive, "archive", log=log)
-    state = load_payload(path, mmap=True)["state"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds no state dict under 'state'")
-    check_state_dict_fits(model_skeleton(name_or_path), state, str(path))
-    return path
-
-
-def load_archive(archive: str, models: list[torch.nn.Module], log=print) -> dict:
-    """Load `model.archive` (a policy.pt, checkpoint directory or run directory) into each model."""
-    path = locate(archive, "archive", log=log)
-    payload = load_payload(path)
-    state = payload["state"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds no state dict under 'state'")
-    log(
-        f"loading pre-trained weights at step {payload['step_idx']} from {path} with metrics "
-        f"{json.dumps(payload.get('metrics', {}), indent=2, default=str)}"
-    )
-    for model in models:
-        check_state_dict_fits(model, state, str(path))
-        model.load_state_dict(state)
-    log("loaded pre-trained weights")
-    return payload

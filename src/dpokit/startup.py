@@ -170,7 +170,8 @@ def prepare(argv: list[str], world_size: int) -> Prepared:
     structure, `model.archive` against it, the tokenizer and every dataset (read, bad rows
     handled, tokenized). Only then is the run directory created, with its config.yaml."""
     from dpokit.data import cache_dir_for, eval_iterator, prepare_data, train_iterator
-    from dpokit.models import check_archive, load_tokenizer
+    from dpokit.models import load_tokenizer
+    from dpokit.weights import check_archive
 
     cfg, resume = build_config(argv)
     preflight(cfg, world_size)

@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(cfg, resume: ResumePoint | None, prepared: Prepared | None, rank: int, world_size: int, say) -> Any:
     """Models, trainer, training, the final save; the run's status kept in run.json."""
     from dpokit.data import cache_dir_for, prepare_data
-    from dpokit.models import copy_as_reference, fuse_gelu, load_archive, load_model, load_tokenizer
+    from dpokit.models import copy_as_reference, fuse_gelu, load_model, load_tokenizer
     from dpokit.trainers import TRAINERS, StopTraining
+    from dpokit.weights import load_archive
 
     run_dir = Path(cfg.local_run_dir)
     status = (lambda state, **kw: tracking.write_status(run_dir, state, **kw)) if rank == 0 else (lambda *a, **k: None)

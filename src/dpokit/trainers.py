@@ -244,7 +244,7 @@ class BasicTrainer:
         )
         self.checkpointer = Checkpointer(
             run_dir,
-            CheckpointSettings.from_config(config.checkpoint),
+            CheckpointSettings.from_config(config.checkpoint, save_merged=config.lora.save_merged),
             policy=self.policy,
             optimizer=self.optimizer,
             scheduler=self.scheduler,

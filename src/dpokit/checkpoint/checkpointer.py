@@ -25,6 +25,7 @@ from dpokit import lora
 from dpokit.checkpoint import sharded
 from dpokit.checkpoint.discovery import ResumePoint, step_dir_name
 from dpokit.checkpoint.format import (
+    ADAPTER_LAYOUT,
     MANIFEST,
     OPTIMIZER,
     POLICY,
@@ -34,6 +35,7 @@ from dpokit.checkpoint.format import (
     CheckpointWriter,
     is_sharded,
     load_payload,
+    manifest_extra,
     manifest_files,
     read_manifest,
 )
@@ -56,9 +58,10 @@ class CheckpointSettings:
     format: str = "full"
     async_save: bool = False
     retention: RetentionPolicy = RetentionPolicy()
+    merged_policy: bool = True  # a LoRA run's merged policy.pt (lora.save_merged); without: the adapter alone
 
     @classmethod
-    def from_config(cls, ck: Any) -> CheckpointSettings:
+    def from_config(cls, ck: Any, save_merged: bool = True) -> CheckpointSettings:
         return cls(
             fsync=ck.fsync,
             save_optimizer=ck.save_optimizer,
@@ -66,6 +69,7 @@ class CheckpointSettings:
             format=ck.format,
             async_save=ck.async_save,
             retention=RetentionPolicy(ck.keep_last, ck.keep_best, ck.best_metric, ck.best_mode),
+            merged_policy=save_merged,
         )
 
 
@@ -99,6 +103,11 @@ class Checkpointer:
         self._copied = threading.Event()  # clear while a background save still copies state
         self._copied.set()
         self._fence_seconds = 0.0  # how long before_update() held the loop for the save in flight
+        self._full_layout: dict | None = None  # the manifest's layout of a full save; None: the reference's
+        if lora.is_lora(policy) and not settings.merged_policy and self.dist.is_main:
+            from dpokit.weights import base_record  # what the adapter is merged into when its weights are read
+
+            self._full_layout = {"layout": ADAPTER_LAYOUT, "base": base_record(run_config or {})}
 
     @property
     def latest_dir(self) -> Path:
@@ -158,11 +167,10 @@ class Checkpointer:
         files = {POLICY: self.dist.full_state_dict(self.policy)}
         if lora.is_lora(self.policy) and self.dist.is_main:
             # the merged weights under the model's own names, and PEFT's adapter files
-            full = files[POLICY]
-            files = {
-                POLICY: lora.base_state_dict(self.policy, full_state=full),
-                **lora.adapter_files(self.policy, full),
-            }
+            full = files.pop(POLICY)
+            if self.settings.merged_policy:
+                files[POLICY] = lora.base_state_dict(self.policy, full_state=full)
+            files.update(lora.adapter_files(self.policy, full))
         if self.settings.save_optimizer:
             files[OPTIMIZER] = self.dist.full_optimizer_state_dict(self.policy, self.optimizer)
             files[SCHEDULER] = self.scheduler.state_dict()
@@ -175,7 +183,7 @@ class Checkpointer:
         files = self._collect()
         error = None
         if self.dist.is_main:
-            error = self._publish(target, step, metrics, files)
+            error = self._publish(target, step, metrics, files, extra=self._full_layout)
         self._raise_if(self.dist.broadcast_object(error))
 
     def _publish(
@@ -302,7 +310,11 @@ class Checkpointer:
             snapshot = self._snapshot(files, pending, copy_now=self._changed_by_forward(),
                                       keep=lambda t: t.device.type == "cpu" and _storage(t) not in written)  # fmt: skip
             del files
-            self._start_background(target, step, pending, start, lambda: self._publish(target, step, metrics, snapshot))
+
+            def write() -> str | None:
+                return self._publish(target, step, metrics, snapshot, extra=self._full_layout)
+
+            self._start_background(target, step, pending, start, write)
         return target
 
     def _save_sharded_async(self, target: Path, step: int, metrics: dict | None) -> Path:
@@ -595,13 +607,16 @@ def rewrite_file(
     staging = storage.stage(directory.parent)
     try:
         writer = CheckpointWriter(staging, storage.fsync)
+        extra = None
         if directory.is_dir():
             known = manifest_files(directory)
-            for old in directory.iterdir():
-                if old.name not in (MANIFEST, filename) and not old.name.startswith(".") and old.is_file():
-                    writer.adopt(old, known)
+            for old in sorted(directory.rglob("*")):
+                name = old.relative_to(directory).as_posix()
+                if name not in (MANIFEST, filename) and not name.startswith(".") and old.is_file():
+                    writer.adopt(old, name, known)  # with the adapter/ and sharded/ files
+            extra = manifest_extra(read_manifest(directory))  # its layout (sharded, adapter) stays
         writer.write(filename, step, state, metrics)
-        writer.seal(step, metrics, config)
+        writer.seal(step, metrics, config, extra)
         return storage.commit(staging, directory.name, directory.parent)
     except BaseException:
         storage.discard(staging)

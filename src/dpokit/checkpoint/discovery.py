@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Literal
 
 from dpokit.checkpoint.format import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
     OPTIMIZER,
     POLICY,
     SCHEDULER,
     TRAINER_STATE,
+    is_adapter_only,
     is_sharded,
     load_payload,
     manifest_step,
@@ -90,8 +93,9 @@ Purpose = Literal["archive", "resume", "weights"]
 def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = print, checksums: bool = True) -> Path:
     """The checkpoint a user means by `path`.
 
-    archive / weights: the `policy.pt` file to load (a file, a checkpoint directory, or a run
-    directory's LATEST, else its newest complete checkpoint). resume: the checkpoint directory,
+    archive / weights: the file holding the policy's weights (a file, a checkpoint directory, or
+    a run directory's LATEST, else its newest complete checkpoint): its `policy.pt`, or for a
+    LoRA checkpoint without merged weights its adapter file (`dpokit.weights` merges it). resume: the checkpoint directory,
     verified (a run directory: its newest complete checkpoint; checksums=False: verified
     without reading the files through).
     """
@@ -115,7 +119,7 @@ def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = prin
         return p
     if kind is PathKind.CHECKPOINT:
         return _policy_file(p, what)
-    if (p / LATEST / POLICY).is_file() or is_sharded(_manifest_or_none(p / LATEST)):
+    if (p / LATEST / POLICY).is_file() or _layout_without_policy(p / LATEST):
         return _policy_file(p / LATEST, what)
     newest = newest_complete(p, checksums=False, log=log) if kind is PathKind.RUN else None
     if newest is not None:
@@ -130,9 +134,22 @@ def _manifest_or_none(ckpt_dir: Path) -> dict | None:
         return None
 
 
+def _layout_without_policy(ckpt_dir: Path) -> bool:
+    manifest = _manifest_or_none(ckpt_dir)
+    return is_sharded(manifest) or is_adapter_only(manifest)
+
+
+def checkpoint_dir_of(weights: Path) -> Path:
+    """The checkpoint directory of a file `locate` returned for archive / weights."""
+    in_adapter_dir = weights.name == Path(ADAPTER_WEIGHTS).name and weights.parent.name == ADAPTER_DIR
+    return weights.parent.parent if in_adapter_dir else weights.parent
+
+
 def _policy_file(ckpt_dir: Path, what: str) -> Path:
     if (ckpt_dir / POLICY).is_file():
         return ckpt_dir / POLICY
+    if is_adapter_only(_manifest_or_none(ckpt_dir)):
+        return ckpt_dir / ADAPTER_WEIGHTS
     if is_sharded(_manifest_or_none(ckpt_dir)):
         raise CheckpointError(
             f"{what} {ckpt_dir} is a sharded checkpoint (checkpoint.format=sharded), which has no policy.pt; "

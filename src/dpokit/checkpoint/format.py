@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dpokit.checkpoint.storage import FileRecord, atomic_write, atomic_write_bytes, fsync_dir, os_failure
+from dpokit.checkpoint.storage import FileRecord, atomic_write, atomic_write_bytes, fsync_dir, make_dirs, os_failure
 from dpokit.errors import CheckpointError
 
 POLICY, OPTIMIZER, SCHEDULER = "policy.pt", "optimizer.pt", "scheduler.pt"
@@ -31,6 +31,10 @@ REFERENCE = "reference.pt"  # TR-DPO (loss.sync_ref_model): the reference model'
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dpokit-checkpoint"
 MANIFEST_VERSION = 1
+ADAPTER_LAYOUT = "adapter"  # the manifest's "layout" of a LoRA checkpoint without merged weights
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's PEFT directory: PeftModel.from_pretrained(base, CKPT/adapter)
+ADAPTER_CONFIG = f"{ADAPTER_DIR}/adapter_config.json"  # PEFT's file names
+ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/adapter_model.safetensors"
 _CHUNK = 1 << 22
 
 
@@ -218,12 +222,17 @@ class CheckpointWriter:
         """A file that someone else wrote into the directory (a shard, a hard link)."""
         self.records[filename] = record
 
-    def adopt(self, old: Path, known: dict[str, dict]) -> None:
-        """Hard-link a file of a published directory into this one. A file the old manifest
-        lists keeps its recorded checksum (damage since then stays detectable); others are hashed."""
-        os.link(old, self.directory / old.name)
-        rec = known.get(old.name)
-        self.records[old.name] = (
+    def adopt(self, old: Path, name: str, known: dict[str, dict]) -> None:
+        """Hard-link a file of a published directory into this one as `name` (relative). A file
+        the old manifest lists keeps its recorded checksum (damage since then stays detectable);
+        others are hashed."""
+        path = self.directory / name
+        make_dirs(path.parent, self.fsync)
+        os.link(old, path)
+        if self.fsync and path.parent != self.directory:  # the staging directory itself is fsynced at commit
+            fsync_dir(path.parent)
+        rec = known.get(name)
+        self.records[name] = (
             FileRecord(**rec) if rec else FileRecord(old.stat().st_size, checksum_file(old), contract_step(old))
         )
 
@@ -263,6 +272,15 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict | None:
     return manifest
 
 
+_MANIFEST_KEYS = ("format", "version", "step", "files", "metrics", "config", "versions", "created")
+
+
+def manifest_extra(manifest: dict | None) -> dict:
+    """A manifest's keys beyond every checkpoint's (its layout: sharded, adapter-only), which a
+    rewrite of the directory keeps."""
+    return {k: v for k, v in (manifest or {}).items() if k not in _MANIFEST_KEYS}
+
+
 def manifest_files(ckpt_dir: Path) -> dict[str, dict]:
     """The file records of a directory's manifest ({} without a readable one)."""
     try:
@@ -273,6 +291,12 @@ def manifest_files(ckpt_dir: Path) -> dict[str, dict]:
 
 def is_sharded(manifest: dict | None) -> bool:
     return bool(manifest) and manifest.get("layout") == "sharded"  # type: ignore[union-attr]
+
+
+def is_adapter_only(manifest: dict | None) -> bool:
+    """A LoRA checkpoint saved with lora.save_merged=false: PEFT's adapter and no policy.pt; its
+    weights are its base (the manifest's `base`) with the adapter merged."""
+    return bool(manifest) and manifest.get("layout") == ADAPTER_LAYOUT  # type: ignore[union-attr]
 
 
 def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | None:
@@ -306,7 +330,9 @@ def verify_dir(ckpt_dir: str | os.PathLike, checksums: bool = True) -> str | Non
 
 def _verify_against_manifest(ckpt_dir: Path, manifest: dict, checksums: bool) -> str | None:
     files = manifest["files"]
-    if not is_sharded(manifest) and POLICY not in files:
+    if is_adapter_only(manifest) and ADAPTER_WEIGHTS not in files:
+        return f"{ckpt_dir / MANIFEST} lists no {ADAPTER_WEIGHTS}"
+    if not is_sharded(manifest) and not is_adapter_only(manifest) and POLICY not in files:
         return f"{ckpt_dir / MANIFEST} lists no policy.pt"
     steps = {name: rec.get("step_idx") for name, rec in files.items() if name in CONTRACT_FILES}
     if len(set(steps.values())) > 1:
