@@ -8,7 +8,8 @@ its config with the bundled tokenizer, so nothing is downloaded. DPO on the bund
 batch 4, max_length 256, max_prompt_length 128, --n-examples pairs, float32 policy; full
 fine-tuning with its reference model (a copy, float32) against `lora.enabled=true lora.r=16`
 (PEFT's default targets for GPT-2, the reference = the policy with its adapters off), each
-also with activation_checkpointing=true (activations recomputed in backward). One
+also with activation_checkpointing=true (activations recomputed in backward), and LoRA with
+lora.save_merged=false (checkpoints hold the adapter, not the merged policy.pt). One
 checkpoint is saved at the end (`LATEST`: the reference's three files, plus the adapter for
 LoRA); no evaluation. Runs alternate; printed per variant: median examples/s per step (first
 step excluded), the whole process's wall time and peak RSS, the checkpoint's size on disk and
@@ -38,6 +39,7 @@ VARIANTS = {
     "LoRA r=16": LORA,
     "full + act. ckpt": ["activation_checkpointing=true"],
     "LoRA + act. ckpt": [*LORA, "activation_checkpointing=true"],
+    "LoRA, adapter only": [*LORA, "lora.save_merged=false"],  # checkpoints without the merged policy.pt
 }
 
 
@@ -83,8 +85,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--n-examples", type=int, default=32)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT",
+                        help=f"variants to run (default: all): {', '.join(repr(v) for v in VARIANTS)}")  # fmt: skip
     args = parser.parse_args()
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    runs: dict[str, list[dict]] = {v: [] for v in args.only}
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         root = Path(tmp)
         model = gpt2_124m(root)
@@ -92,7 +96,8 @@ def main() -> None:
 
         n_params = sum(p.numel() for p in load_model(model).parameters())
         for _ in range(args.repeats):  # alternated: drift in the machine hits both alike
-            for name, extra in VARIANTS.items():
+            for name in args.only:
+                extra = VARIANTS[name]
                 runs[name].append(run_once(model, args.n_examples, extra, root))
                 r = runs[name][-1]
                 print(
@@ -110,7 +115,9 @@ def main() -> None:
         report[name] = med
         print(f"  {name:20s}{med['trainable']:>14s}{med['examples_per_second']:8.2f}{med['process_seconds']:11.1f}"
               f"{med['peak_rss_mib']:9.0f}Mi{med['checkpoint_mib']:10.0f}Mi{med['save_seconds']:8.2f}")  # fmt: skip
-    for full_name, lora_name in (("full fine-tuning", "LoRA r=16"), ("full + act. ckpt", "LoRA + act. ckpt")):
+    pairs = (("full fine-tuning", "LoRA r=16"), ("full + act. ckpt", "LoRA + act. ckpt"),
+             ("LoRA r=16", "LoRA, adapter only"))  # fmt: skip
+    for full_name, lora_name in (pair for pair in pairs if set(pair) <= set(report)):
         full, lo = report[full_name], report[lora_name]
         print(f"  {lora_name} / {full_name}: peak RSS x{lo['peak_rss_mib'] / full['peak_rss_mib']:.2f}, "
               f"examples/s x{lo['examples_per_second'] / full['examples_per_second']:.2f}, "
