@@ -51,7 +51,8 @@ def version(name):
     except metadata.PackageNotFoundError:
         return "missing"
 
-names = ["dpokit", "torch", "transformers", "datasets", "omegaconf", "pyarrow", "accelerate", "pytest-xdist"]
+names = ["dpokit", "torch", "transformers", "datasets", "omegaconf", "pyarrow", "accelerate", "peft", "bitsandbytes",
+         "pytest-xdist"]
 print("versions:", ", ".join(f"{n} {version(n)}" for n in names))
 print("CUDA:", torch.cuda.is_available() and torch.cuda.get_device_name(), "| devices:", torch.cuda.device_count())
 '

@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-3.12}"
 pin() { grep -i "^$1==" constraints.txt; }
-platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
+           --platform manylinux2014_x86_64)
 download() {
   python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version "$py" \
     --implementation cp "${platforms[@]}" -d "$@"
@@ -22,6 +23,9 @@ rm -rf .whl/dpokit .whl/reference
 # torch, transformers, tokenizers, safetensors, numpy, pyarrow, pandas, xxhash, tqdm and
 # matplotlib come with such images; datasets, its dill and multiprocess, and omegaconf often do not
 download .whl/dpokit "$(pin omegaconf)" "$(pin datasets)" "$(pin dill)" "$(pin multiprocess)"
+# LoRA (peft, and the accelerate it imports) and QLoRA's bitsandbytes (about 43 MB; CUDA only,
+# so the CPU suite's constraints.txt does not pin it)
+download .whl/dpokit "$(pin peft)" "$(pin accelerate)" bitsandbytes==0.50.2
 download .whl/reference hydra-core==1.3.2 omegaconf==2.3.0
 # antlr4-python3-runtime 4.9.3 (hydra's) is published as a source distribution only
 python3 -m pip wheel -q --disable-pip-version-check --no-deps -w .whl/reference antlr4-python3-runtime==4.9.3

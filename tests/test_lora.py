@@ -4,6 +4,7 @@ merged policy.pt plus PEFT's adapter directory in every checkpoint, SFT -> DPO, 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,27 @@ def tiny_llama() -> torch.nn.Module:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
+
+
+def llama_dir(model_dir: Path, weights: bool = False) -> Path:
+    """A tiny Llama's model directory with the bundled tokenizer: its config only (the weights
+    are made from the seed), or with weights (saved from seed 0)."""
+    import shutil
+    from importlib import resources
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+                         eos_token_id=0)  # fmt: skip
+    if weights:
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+    else:
+        config.save_pretrained(model_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(str(resources.files("dpokit") / "assets/tiny" / f)), model_dir / f)
+    return model_dir
 
 
 def models() -> dict[str, torch.nn.Module]:
@@ -163,6 +185,9 @@ BAD = {
                 r"'lora.modules_to_save' cannot be used with checkpoint.format=sharded"),
     "tr-dpo": (["loss=dpo", "loss.beta=0.1", "loss.sync_ref_model=true"],
                r"'loss.sync_ref_model' cannot be used with lora.enabled=true"),
+    "qlora-cpu": (["lora.quantize=nf4", "lora.save_merged=false", "device=cpu"],
+                  r"'lora.quantize' \(QLoRA: a 4-bit base through bitsandbytes\) needs a CUDA device, and device is cpu"),
+    "qlora-kind": (["lora.quantize=int8"], r"'lora.quantize' must be nf4, fp4 or null, got 'int8'"),
 }  # fmt: skip
 
 
@@ -204,18 +229,9 @@ def test_activation_checkpointing_with_lora_changes_no_number(train):
 def test_lora_sft_then_dpo_on_a_tiny_llama(train, tmp_path):
     """Rotary positions, separate q/k/v/o projections: PEFT's default targets for Llama
     (q_proj, v_proj), from a model directory holding only a config and the bundled tokenizer."""
-    import shutil
-    from importlib import resources
-
     from peft import PeftModel
-    from transformers import LlamaConfig
 
-    model_dir = tmp_path / "llama"
-    LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
-                eos_token_id=0).save_pretrained(model_dir)  # fmt: skip
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(str(resources.files("dpokit") / "assets/tiny" / f)), model_dir / f)
+    model_dir = llama_dir(tmp_path / "llama")
     model = ["model=blank_model_fp32", f"model.name_or_path={model_dir}", *LORA, *SHORT]
     sft = Path(train(*model, "loss=sft", exp_name="sft")["run_dir"])
     dpo = Path(train(*model, "loss=dpo", "loss.beta=0.1", f"model.archive={sft}", exp_name="dpo")["run_dir"])
@@ -301,3 +317,59 @@ def test_save_merged_false_without_lora_or_with_sharded_checkpoints_is_refused(t
         with pytest.raises(ConfigError, match=pattern):
             main([*FAST, "exp_name=bad", f"local_dirs=[{tmp_path / 'runs'}]", *args])
     assert not (tmp_path / "runs").exists()
+
+
+def qlora_run(train, tmp_path: Path, device: str, *extra: str) -> tuple[Path, list[str], Path]:
+    """A QLoRA DPO run on a tiny Llama with weights: its run directory, its arguments, the model."""
+    model_dir = llama_dir(tmp_path / "llama", weights=True)
+    args = ["model=blank_model_fp32", f"model.name_or_path={model_dir}", "model.policy_dtype=bfloat16", *LORA,
+            *SHORT, "loss=dpo", "loss.beta=0.1", "lora.quantize=nf4", "lora.save_merged=false", f"device={device}",
+            "minimum_log_interval_secs=0", *extra]  # fmt: skip
+    return Path(train(*args, exp_name="qlora")["run_dir"]), args, model_dir
+
+
+def check_qlora_run(run: Path, model_dir: Path) -> None:
+    """4-bit base, adapters trained on PEFT's Llama targets, merged into the full-precision base."""
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.weights import read_policy
+
+    assert "QLoRA: the base model's linear layers in 4 bits (nf4)" in (run / "train.log").read_text()
+    losses = [m["loss/train"] for m in metrics_log(run) if "loss/train" in m]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    assert not (run / "LATEST" / "policy.pt").exists()
+    merged = read_policy(run)["state"]
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).state_dict()
+    assert merged.keys() == base.keys()
+    adapted = [k for k in base if not torch.equal(merged[k], base[k])]
+    assert adapted and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in adapted)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+    reason="QLoRA needs a CUDA device and bitsandbytes",
+)
+def test_qlora_trains_adapters_over_a_4_bit_base_and_merges_them_into_the_full_precision_one(train, tmp_path):
+    run, args, model_dir = qlora_run(train, tmp_path, "cuda")
+    check_qlora_run(run, model_dir)
+    resumed = Path(train(*args, f"resume={run / 'step-4'}", exp_name="resumed")["run_dir"])
+    assert (resumed / "LATEST" / lora.ADAPTER_WEIGHTS).is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_qlora_s_code_path_on_bitsandbytes_cpu_kernels_resumes_bit_for_bit(train, tmp_path, monkeypatch):
+    """Users are refused QLoRA without CUDA (far too slow to train on); bitsandbytes' CPU kernels
+    still run the whole path, so wherever bitsandbytes is installed this checks it on the CPU:
+    4-bit loading, PEFT's preparation, the adapter-off reference, adapter-only checkpoints,
+    their merge, and resume, which is bit-exact here. (Not in the CPU suite's extras: bitsandbytes
+    is a GPU package.)"""
+    import dpokit.config
+
+    monkeypatch.setattr(dpokit.config, "require_cuda_for_quantize", lambda cfg: None)
+    run, args, model_dir = qlora_run(train, tmp_path, "cpu")
+    check_qlora_run(run, model_dir)
+    resumed = Path(train(*args, f"resume={run / 'step-4'}", exp_name="resumed")["run_dir"])
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "LATEST" / lora.ADAPTER_WEIGHTS)) for d in (run, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -146,6 +146,11 @@ class LoraConfig:
     modules_to_save: Optional[list[str]] = _doc(
         "modules trained in full beside the adapters (e.g. [lm_head]); null: none", None
     )
+    quantize: Optional[str] = _doc(
+        "QLoRA: the base model's linear layers in 4 bits through bitsandbytes, nf4 or fp4 (null: not quantized); "
+        "needs a CUDA device, trainer=BasicTrainer and lora.save_merged=false",
+        None,
+    )
     save_merged: bool = _doc(
         "write the merged weights (policy.pt) in every checkpoint; false: the adapter alone, merged into the base "
         "(model.name_or_path + model.archive, which must then stay where they are) when read",
@@ -625,6 +630,48 @@ def help_text() -> str:
     return "\n".join([*lines, "", *loss_registry.help_lines()])
 
 
+def require_cuda_for_quantize(cfg: DictConfig) -> None:
+    """QLoRA is a GPU recipe: bitsandbytes' CPU kernels run it, far too slowly to train on."""
+    import torch  # late, as in validate
+
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        where = "device is cpu" if cfg.device == "cpu" else "PyTorch sees no CUDA device on this machine"
+        raise ConfigError(
+            f"config key 'lora.quantize' (QLoRA: a 4-bit base through bitsandbytes) needs a CUDA device, and {where}"
+        )
+
+
+def validate_quantize(cfg: DictConfig) -> None:
+    """QLoRA (lora.quantize): what a 4-bit base needs, each in one sentence."""
+    lo = cfg.lora
+    if lo.quantize not in ("nf4", "fp4"):
+        raise ConfigError(f"config key 'lora.quantize' must be nf4, fp4 or null, got {lo.quantize!r}")
+    require_cuda_for_quantize(cfg)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "config key 'lora.quantize' needs the bitsandbytes package, which is not installed: "
+            "pip install 'dpokit[qlora]' (or pip install bitsandbytes)"
+        ) from None
+    if cfg.trainer != "BasicTrainer":
+        raise ConfigError(
+            "config key 'lora.quantize' runs on one GPU (trainer=BasicTrainer): FSDP does not shard bitsandbytes' "
+            "4-bit weights"
+        )
+    if lo.save_merged:
+        raise ConfigError(
+            "config key 'lora.quantize' needs lora.save_merged=false: a 4-bit base has no full-precision weights to "
+            "merge the adapters into at every save (model.archive and ckpt export merge them into the full-precision "
+            "base)"
+        )
+    if cfg.model.archive is not None:
+        raise ConfigError(
+            "config key 'lora.quantize' cannot load model.archive into a 4-bit base: write the archive as a model "
+            "directory with 'dpokit ckpt export ARCHIVE DIR' and pass model.name_or_path=DIR"
+        )
+
+
 def validate_lora(cfg: DictConfig) -> None:
     """LoRA's keys, and what it cannot serve yet; each in one sentence before any model is built."""
     lo = cfg.lora
@@ -648,6 +695,8 @@ def validate_lora(cfg: DictConfig) -> None:
             "config key 'loss.sync_ref_model' cannot be used with lora.enabled=true: TR-DPO moves the reference, "
             "and a LoRA run's reference is the frozen base model"
         )
+    if lo.quantize is not None:
+        validate_quantize(cfg)
     if cfg.checkpoint.format == "sharded" and not lo.save_merged:
         raise ConfigError(
             "config key 'lora.save_merged=false' applies to checkpoint.format=full: a sharded checkpoint holds no "

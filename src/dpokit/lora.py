@@ -96,6 +96,16 @@ def apply(model: nn.Module, cfg: Any, seed: int = 0) -> nn.Module:
         return get_peft_model(model, config)
 
 
+def prepare_quantized(model: nn.Module) -> nn.Module:
+    """A 4-bit base readied for adapters, as PEFT prepares one for QLoRA: every weight frozen and
+    the layers bitsandbytes did not quantize (norms, embeddings) in float32 for stable training.
+    (activation_checkpointing=true turns on transformers' non-reentrant checkpointing, which
+    needs no input that requires grad.)"""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 

@@ -57,16 +57,24 @@ def load_model(
     cache_dir: str | None = None,
     seed: int = 0,
     attn_implementation: str | None = None,
+    quantize: str | None = None,
+    device: torch.device | None = None,
 ) -> torch.nn.Module:
     """A causal LM from a hub name or a local directory, with transformers' attention kernel
-    `attn_implementation` (None: its default).
+    `attn_implementation` (None: its default); quantize (nf4, fp4): its linear layers in 4 bits
+    through bitsandbytes (QLoRA's base), computing in `dtype`, loaded onto `device` (default:
+    the current CUDA device).
 
     A directory with a config but no weights (the bundled tiny model) is built from its config
     with the given seed, so the same seed always gives the same initial weights.
     """
     path = resolve_model_path(name_or_path)
     torch_dtype = getattr(torch, dtype)
-    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    attention: dict = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if quantize is not None:
+        check_quantizable(name_or_path)
+        attention.update(quantization_config=four_bit_config(quantize, torch_dtype),
+                         device_map={"": device or torch.device("cuda", torch.cuda.current_device())})  # fmt: skip
     try:
         if os.path.isdir(path) and not _has_weights(path) and os.path.exists(os.path.join(path, "config.json")):
             config = transformers.AutoConfig.from_pretrained(path)
@@ -84,6 +92,23 @@ def load_model(
         ) from None
     disable_dropout(model)
     return model
+
+
+def four_bit_config(quant_type: str, compute_dtype: torch.dtype):
+    """QLoRA's quantization (Dettmers et al., 2023): 4-bit weights (nf4 or fp4) with their
+    scales quantized too (double quantization), matmuls in the model's dtype."""
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+
+
+def check_quantizable(name_or_path: str) -> None:
+    """bitsandbytes quantizes weights as they are loaded: a model built from its config alone has none."""
+    path = resolve_model_path(name_or_path)
+    if os.path.isdir(path) and not _has_weights(path):
+        raise DpokitError(
+            f"config key 'lora.quantize' needs a model with weights, and model '{name_or_path}' has only a config "
+            f"(its weights are made from the seed); save it with save_pretrained and pass that directory"
+        )
 
 
 def model_skeleton(name_or_path: str, attn_implementation: str | None = None) -> torch.nn.Module:

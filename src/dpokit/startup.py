@@ -38,6 +38,7 @@ RESUME_MUST_MATCH = (
     "lora.dropout",
     "lora.target_modules",
     "lora.modules_to_save",
+    "lora.quantize",
     "batch_size",
     "gradient_accumulation_steps",
     "datasets",
@@ -189,6 +190,10 @@ def prepare(argv: list[str], world_size: int) -> Prepared:
         from dpokit.models import model_skeleton
 
         lora.target_modules(model_skeleton(cfg.model.name_or_path), cfg.lora.target_modules)
+        if cfg.lora.quantize is not None:
+            from dpokit.models import check_quantizable
+
+            check_quantizable(cfg.model.name_or_path)
     name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
     tokenizer = load_tokenizer(name, cache_dir_for(list(cfg.local_dirs)))
     data = prepare_data(cfg, tokenizer, progress=True)

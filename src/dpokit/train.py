@@ -93,7 +93,8 @@ def _run(cfg, resume: ResumePoint | None, prepared: Prepared | None, rank: int, 
     try:
         say("building policy", flush=True)
         policy = load_model(cfg.model.name_or_path, cfg.model.policy_dtype, cache_dir, seed=cfg.seed,
-                            attn_implementation=cfg.model.attn_implementation)  # fmt: skip
+                            attn_implementation=cfg.model.attn_implementation, quantize=cfg.lora.quantize,
+                            device=distributed.resolve_device(cfg.device))  # fmt: skip
         if cfg.model.fused_gelu:
             fuse_gelu(policy)  # the reference, a copy of the policy, gets them too
         reference: Any = None
@@ -101,6 +102,9 @@ def _run(cfg, resume: ResumePoint | None, prepared: Prepared | None, rank: int, 
         if cfg.lora.enabled:
             if cfg.model.archive is not None:  # full weights (an SFT run's policy.pt is merged): the adapters' base
                 load_archive(cfg.model.archive, [policy], log=say)
+            if cfg.lora.quantize is not None:  # QLoRA: the 4-bit base, frozen, made ready for adapters
+                policy = lora.prepare_quantized(policy)
+                say(f"QLoRA: the base model's linear layers in 4 bits ({cfg.lora.quantize})")
             policy = lora.apply(policy, cfg.lora, seed=cfg.seed)
             say(lora.trainable_summary(policy))
             if needs_reference:  # the same weights with the adapters off: no second copy

@@ -33,6 +33,7 @@ def base_record(run_config: dict) -> dict:
         "name_or_path": os.path.abspath(name) if name and os.path.exists(name) else name,
         "dtype": model.get("policy_dtype", "float32"),
         "seed": run_config.get("seed", 0),
+        "quantized": (run_config.get("lora") or {}).get("quantize"),  # QLoRA: merged into the full-precision base
         "archive": None,
         "archive_xxh3": None,
     }
