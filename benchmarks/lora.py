@@ -13,7 +13,8 @@ lora.save_merged=false (checkpoints hold the adapter, not the merged policy.pt).
 checkpoint is saved at the end (`LATEST`: the reference's three files, plus the adapter for
 LoRA); no evaluation. Runs alternate; printed per variant: median examples/s per step (first
 step excluded), the whole process's wall time and peak RSS, the checkpoint's size on disk and
-its save time, and the trainable parameters.
+its save time, the wall time of `dpokit ckpt export` of it (a whole process: for an adapter-only
+checkpoint it rebuilds the base and merges), and the trainable parameters.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def run_once(model: str, n_examples: int, extra: list[str], root: Path) -> dict:
     saves = [r for r in records if "checkpoint/write_seconds" in r]
     trainable = next((line for line in log.read_text().splitlines() if line.startswith("LoRA: ")), None)
     size = sum(p.stat().st_size for p in (run_dir / "LATEST").rglob("*") if p.is_file())
+    # what reading the weights costs (an adapter-only checkpoint rebuilds its base and merges)
+    export_seconds, _ = timed_process([str(BIN / "dpokit"), "ckpt", "export", str(run_dir / "LATEST"),
+                                       str(run_dir / "hf")], {**os.environ, "HF_HUB_OFFLINE": "1"}, log)  # fmt: skip
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "examples_per_second": statistics.median(r["examples_per_second"] for r in steps),
@@ -76,6 +80,7 @@ def run_once(model: str, n_examples: int, extra: list[str], root: Path) -> dict:
         "peak_rss_mib": rss,
         "checkpoint_mib": size / 2**20,
         "save_seconds": saves[-1]["checkpoint/write_seconds"],
+        "export_seconds": export_seconds,
         "trainable": trainable.split(" trainable")[0].removeprefix("LoRA: ") if trainable else "all",
     }
 
@@ -107,14 +112,15 @@ def main() -> None:
     print(f"\nDPO, GPT-2 124M config ({n_params / 1e6:.1f}M parameters), CPU, batch 4, max_length 256, "
           f"{args.n_examples} pairs, {args.repeats} repeats (medians)")  # fmt: skip
     print(f"  {'variant':20s}{'trainable':>14s}{'ex/s':>8s}{'process s':>11s}{'peak RSS':>11s}{'checkpoint':>12s}"
-          f"{'save s':>8s}")  # fmt: skip
+          f"{'save s':>8s}{'export s':>10s}")  # fmt: skip
     report = {}
     for name, rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "trainable"}
         med["trainable"] = rs[0]["trainable"]
         report[name] = med
         print(f"  {name:20s}{med['trainable']:>14s}{med['examples_per_second']:8.2f}{med['process_seconds']:11.1f}"
-              f"{med['peak_rss_mib']:9.0f}Mi{med['checkpoint_mib']:10.0f}Mi{med['save_seconds']:8.2f}")  # fmt: skip
+              f"{med['peak_rss_mib']:9.0f}Mi{med['checkpoint_mib']:10.0f}Mi{med['save_seconds']:8.2f}"
+              f"{med['export_seconds']:10.1f}")  # fmt: skip
     pairs = (("full fine-tuning", "LoRA r=16"), ("full + act. ckpt", "LoRA + act. ckpt"),
              ("LoRA r=16", "LoRA, adapter only"))  # fmt: skip
     for full_name, lora_name in (pair for pair in pairs if set(pair) <= set(report)):
