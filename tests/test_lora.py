@@ -181,8 +181,6 @@ def test_the_same_seed_gives_the_same_adapters():
 BAD = {
     "r": (["lora.r=0"], r"config key 'lora.r' must be > 0, got 0"),
     "target": (["lora.target_modules=[attn]"], r"'lora.target_modules' names 'attn', which matches no layer of this model LoRA can adapt"),
-    "sharded": (["checkpoint.format=sharded", "lora.modules_to_save=[lm_head]"],
-                r"'lora.modules_to_save' cannot be used with checkpoint.format=sharded"),
     "tr-dpo": (["loss=dpo", "loss.beta=0.1", "loss.sync_ref_model=true"],
                r"'loss.sync_ref_model' cannot be used with lora.enabled=true"),
     "qlora-cpu": (["lora.quantize=nf4", "lora.save_merged=false", "device=cpu"],
@@ -373,3 +371,31 @@ def test_qlora_s_code_path_on_bitsandbytes_cpu_kernels_resumes_bit_for_bit(train
 
     a, b = (load_file(str(d / "LATEST" / lora.ADAPTER_WEIGHTS)) for d in (run, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_modules_to_save_are_in_peft_s_file_resume_exactly_and_consolidate_to_the_full_format(train, tmp_path):
+    """A module trained in full beside the adapters (lora.modules_to_save): PEFT's file holds its
+    trained copy under the module's own name, resume reads it back, and a sharded checkpoint
+    consolidates to the full format's policy.pt and adapter."""
+    from safetensors.torch import load_file
+
+    args = [*LORA, "lora.modules_to_save=[lm_head]", *SHORT, "loss=sft"]
+    full = Path(train(*args, exp_name="full")["run_dir"])
+    saved = load_file(str(full / "LATEST" / lora.ADAPTER_WEIGHTS))
+    assert "base_model.model.lm_head.weight" in saved
+    policy = load(full / "LATEST" / "policy.pt")["state"]
+    assert torch.equal(policy["lm_head.weight"], saved["base_model.model.lm_head.weight"])
+    assert not torch.equal(
+        policy["lm_head.weight"], policy["transformer.wte.weight"]
+    )  # trained apart from the tied input
+    resumed = Path(train(*args, f"resume={full / 'step-4'}", exp_name="resumed")["run_dir"])
+    again = load_file(str(resumed / "LATEST" / lora.ADAPTER_WEIGHTS))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+    sharded = Path(train(*args, "checkpoint.format=sharded", exp_name="sharded")["run_dir"])
+    out = tmp_path / "consolidated"
+    assert run_cli("ckpt", "consolidate", str(sharded / "LATEST"), str(out)).returncode == 0
+    consolidated = load(out / "policy.pt")["state"]
+    assert consolidated.keys() == policy.keys() and all(torch.equal(consolidated[k], v) for k, v in policy.items())
+    adapter = load_file(str(out / lora.ADAPTER_WEIGHTS))
+    assert adapter.keys() == saved.keys() and all(torch.equal(adapter[k], saved[k]) for k in saved)

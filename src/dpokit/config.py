@@ -702,8 +702,3 @@ def validate_lora(cfg: DictConfig) -> None:
             "config key 'lora.save_merged=false' applies to checkpoint.format=full: a sharded checkpoint holds no "
             "policy.pt already (dpokit ckpt consolidate writes it)"
         )
-    if cfg.checkpoint.format == "sharded" and lo.modules_to_save:
-        raise ConfigError(
-            "config key 'lora.modules_to_save' cannot be used with checkpoint.format=sharded in this version: "
-            "consolidating a sharded LoRA checkpoint merges adapters only"
-        )

@@ -261,8 +261,19 @@ def adapter_file_contents(config: dict, weights: dict[str, torch.Tensor]) -> dic
 
 def adapter_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapters' entries of a LoRA model's whole state dict under the names PEFT's file
-    gives them (the adapter name dropped): for a state read back from shards."""
-    return {k.replace(f".{ADAPTER_NAME}.", "."): v for k, v in state.items() if ".lora_" in k}
+    gives them (the adapter name dropped; a lora.modules_to_save copy under its module's own
+    name): for a state read back from shards."""
+    named = ((_file_name(k), v) for k, v in state.items())
+    return {name: v for name, v in named if name is not None}
+
+
+def _file_name(key: str) -> str | None:
+    """A LoRA model's state-dict key as PEFT's adapter file names it; None: not in the file."""
+    if ".lora_" in key:
+        return key.replace(f".{ADAPTER_NAME}.", ".")
+    if f".modules_to_save.{ADAPTER_NAME}." in key:
+        return key.replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
+    return None
 
 
 def read_adapter(model: Any, ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -277,7 +288,8 @@ def read_adapter(model: Any, ckpt_dir: Path) -> dict[str, torch.Tensor]:
             f"start a new run from its weights with model.archive={ckpt_dir} instead"
         )
     saved = load_file(str(path))
-    names = {k.replace(f".{ADAPTER_NAME}", ""): k for k in model.state_dict() if f".{ADAPTER_NAME}." in k}
+    named = ((_file_name(k), k) for k in model.state_dict())
+    names = {name: k for name, k in named if name is not None}
     unknown = [k for k in saved if k not in names]
     if unknown:
         raise CheckpointError(f"{path} holds adapter weights this model does not have (e.g. {unknown[0]})")
