@@ -295,6 +295,20 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def replacement_note() -> str | None:
+    """A line for a job of several machines that torchrun restarts through its shared rendezvous
+    store: in torch 2.13 an agent that replaces a lost machine never receives that store's master
+    address for the next round and times out, so the job cannot get the machine back."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if shared and machines > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        return (
+            f"note: {machines} machines restart through torchrun's shared rendezvous store, which a machine that "
+            f"replaces a lost one cannot join; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every agent to allow it"
+        )
+    return None
+
+
 def init_process_group() -> tuple[int, int]:
     """Join the process group torchrun set up; returns (rank, world size). Collectives on CUDA
     tensors go through NCCL, on CPU tensors through gloo (device=cpu on a GPU machine works too)."""
@@ -305,11 +319,16 @@ def init_process_group() -> tuple[int, int]:
         backend = "cpu:gloo,cuda:nccl"
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     try:
-        # torchrun keeps one rendezvous store for all restarts of a job, and the process group's
-        # keys in it are not per attempt: a restarted process could read the address a dead one
-        # published and fail to connect. A prefix per attempt keeps each restart to its own keys.
         store, rank, world_size = next(torch_dist.rendezvous("env://"))
-        store = torch_dist.PrefixStore(f"dpokit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+            # torchrun's shared agent store lives for all restarts of a job, and the process
+            # group's keys in it are not per attempt: a restarted process could read the address
+            # a dead one published. A prefix per attempt keeps each restart to its own keys.
+            # (Without the shared store, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, every round has a
+            # new store, and no prefix: the restart count is each agent's own, so an agent that
+            # replaced a lost machine counts from 0 while the others do not.)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = torch_dist.PrefixStore(f"dpokit/attempt_{attempt}", store)
         torch_dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     except (RuntimeError, ValueError) as err:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
         with tracking.console_copied_to(run_dir / tracking.TRAIN_LOG, enabled=rank == 0):
             say = print if rank == 0 else (lambda *a, **k: None)
             say(summary(cfg))
+            if (note := distributed.replacement_note()) is not None:
+                say(note)
             say("=" * 80 + f"\nWriting to {socket.gethostname()}:{run_dir}\n" + "=" * 80, flush=True)
             if finished:
                 say(f"{resume.checkpoint} is the end of this run: it has trained on every example; nothing to do "
