@@ -274,6 +274,9 @@ def test_without_merged_weights_a_checkpoint_holds_the_adapter_and_every_reader_
     assert diff.returncode == 0, diff.stdout + diff.stderr
     show = run_cli("ckpt", "show", str(dpo / "LATEST"))
     assert "the LoRA adapter alone (lora.save_merged=false)" in show.stdout, show.stdout + show.stderr
+    bare = Path(train(*args, "lora.save_merged=false", "checkpoint.save_optimizer=false", exp_name="bare")["run_dir"])
+    show = run_cli("ckpt", "show", str(bare / "LATEST"))  # the adapter and the manifest, nothing else
+    assert show.returncode == 0 and "the LoRA adapter alone" in show.stdout, show.stdout + show.stderr
     assert run_cli("ckpt", "export", str(dpo), str(tmp_path / "hf")).returncode == 0
     from safetensors.torch import load_file
 

@@ -41,7 +41,7 @@ def cmd_show(path: Path) -> int:
         raise DpokitError(f"{path} does not exist")
     files = [path] if path.is_file() else [path / n for n in CONTRACT_FILES if (path / n).is_file()]
     sharded = path.is_dir() and is_sharded(read_manifest(path))
-    if not files and not sharded:
+    if not files and not sharded and not (path.is_dir() and is_adapter_only(read_manifest(path))):
         raise DpokitError(f"{path} holds none of {', '.join(CONTRACT_FILES)}")
     print(f"checkpoint {path}")
     if path.is_dir():
