@@ -70,21 +70,21 @@ def load_model(
     """
     path = resolve_model_path(name_or_path)
     torch_dtype = getattr(torch, dtype)
-    attention: dict = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    options: dict = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantize is not None:
         check_quantizable(name_or_path)
-        attention.update(quantization_config=four_bit_config(quantize, torch_dtype),
+        options.update(quantization_config=four_bit_config(quantize, torch_dtype),
                          device_map={"": device or torch.device("cuda", torch.cuda.current_device())})  # fmt: skip
     try:
         if os.path.isdir(path) and not _has_weights(path) and os.path.exists(os.path.join(path, "config.json")):
             config = transformers.AutoConfig.from_pretrained(path)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = transformers.AutoModelForCausalLM.from_config(config, **attention)
+                model = transformers.AutoModelForCausalLM.from_config(config, **options)
             model = cast_parameters(model, torch_dtype)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, cache_dir=cache_dir, dtype=torch_dtype, **attention
+                path, cache_dir=cache_dir, dtype=torch_dtype, **options
             )
     except (OSError, ValueError) as err:
         raise DpokitError(

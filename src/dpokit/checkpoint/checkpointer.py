@@ -614,7 +614,10 @@ def rewrite_file(
                 name = old.relative_to(directory).as_posix()
                 if name not in (MANIFEST, filename) and not name.startswith(".") and old.is_file():
                     writer.adopt(old, name, known)  # with the adapter/ and sharded/ files
-            extra = manifest_extra(read_manifest(directory))  # its layout (sharded, adapter) stays
+            try:
+                extra = manifest_extra(read_manifest(directory))  # its layout (sharded, adapter) stays
+            except CheckpointError:  # unreadable: rewritten as the reference's layout, as before
+                extra = None
         writer.write(filename, step, state, metrics)
         writer.seal(step, metrics, config, extra)
         return storage.commit(staging, directory.name, directory.parent)

@@ -95,8 +95,8 @@ def locate(path: str | Path, purpose: Purpose, log: Callable[[str], None] = prin
 
     archive / weights: the file holding the policy's weights (a file, a checkpoint directory, or
     a run directory's LATEST, else its newest complete checkpoint): its `policy.pt`, or for a
-    LoRA checkpoint without merged weights its adapter file (`dpokit.weights` merges it). resume: the checkpoint directory,
-    verified (a run directory: its newest complete checkpoint; checksums=False: verified
+    LoRA checkpoint without merged weights its adapter file (`dpokit.weights` merges it).
+    resume: the checkpoint directory, verified (a run directory: its newest complete checkpoint; checksums=False: verified
     without reading the files through).
     """
     p = Path(path).expanduser()
