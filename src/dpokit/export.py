@@ -68,19 +68,22 @@ def export_hf(ckpt: Path, out_dir: Path, model_name: str | None = None, force: b
     absent (or its old content) or a complete export.
     """
     from dpokit.models import check_state_dict_fits, load_model, load_tokenizer
-    from dpokit.weights import read_policy
+    from dpokit.weights import merged_model, read_policy
 
     policy_path = locate(ckpt, "weights")
     base, tokenizer_name = (model_name, None) if model_name else base_model_of(policy_path)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, force)
 
-    state = read_policy(policy_path, "weights", log=lambda _m: None)["state"]
-    first = next((v for v in state.values() if hasattr(v, "dtype")), None)
-    dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
-    model: Any = load_model(base, dtype=dtype)
-    check_state_dict_fits(model, state, str(policy_path))
-    model.load_state_dict(state)
+    quiet = lambda _m: None  # noqa: E731
+    model: Any = None if model_name else merged_model(policy_path, log=quiet)  # adapter-only: its own base
+    if model is None:
+        state = read_policy(policy_path, "weights", log=quiet)["state"]
+        first = next((v for v in state.values() if hasattr(v, "dtype")), None)
+        dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
+        model = load_model(base, dtype=dtype)
+        check_state_dict_fits(model, state, str(policy_path))
+        model.load_state_dict(state)
     tokenizer = load_tokenizer(tokenizer_name or base)
 
     def write(staging: Path) -> None:

@@ -66,19 +66,38 @@ def read_policy(path: str | Path, purpose: Purpose = "weights", log: Callable[[s
     manifest = _adapter_manifest(located)
     if manifest is None:
         return load_payload(located)
-    ckpt_dir = checkpoint_dir_of(located)
-    log(f"merging the LoRA adapter of {ckpt_dir} into its base (saved with lora.save_merged=false)")
+    _, merged = _merge(located, manifest, log)
+    return {"step_idx": manifest["step"], "state": merged, "metrics": manifest.get("metrics") or {}}
+
+
+def merged_model(path: str | Path, log: Callable[[str], None] = print) -> torch.nn.Module | None:
+    """For an adapter-only checkpoint at `path`: its base model with the adapter merged into its
+    weights (`ckpt export` saves it: one copy of the model in memory); None for any other."""
+    located = locate(path, "weights", log=log)
+    manifest = _adapter_manifest(located)
+    if manifest is None:
+        return None
+    model, merged = _merge(located, manifest, log)
+    model.load_state_dict(merged)
+    return model
+
+
+def _merge(located: Path, manifest: dict, log: Callable[[str], None]) -> tuple[torch.nn.Module, dict]:
+    """The base model of an adapter-only checkpoint and its merged state dict."""
     from safetensors.torch import load_file
 
     from dpokit import lora
 
+    ckpt_dir = checkpoint_dir_of(located)
+    log(f"merging the LoRA adapter of {ckpt_dir} into its base (saved with lora.save_merged=false)")
     config = json.loads((ckpt_dir / ADAPTER_CONFIG).read_text())
-    merged = lora.merge_saved(base_state(ckpt_dir, manifest, log), load_file(str(located)), config)
-    return {"step_idx": manifest["step"], "state": merged, "metrics": manifest.get("metrics") or {}}
+    model = base_model(ckpt_dir, manifest, log)
+    base = {k: v.detach() for k, v in model.state_dict().items()}
+    return model, lora.merge_saved(base, load_file(str(located)), config)
 
 
-def base_state(ckpt_dir: Path, manifest: dict, log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
-    """The weights an adapter-only checkpoint's run started from, rebuilt as its run built them."""
+def base_model(ckpt_dir: Path, manifest: dict, log: Callable[[str], None] = print) -> torch.nn.Module:
+    """The model an adapter-only checkpoint's run started from, rebuilt as its run built it."""
     from dpokit.models import check_state_dict_fits, load_model
 
     base = _base_of(ckpt_dir, manifest)
@@ -87,7 +106,7 @@ def base_state(ckpt_dir: Path, manifest: dict, log: Callable[[str], None] = prin
         state = read_policy(base["archive"], "archive", log=log)["state"]
         check_state_dict_fits(model, state, base["archive"])
         model.load_state_dict(state)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return model
 
 
 def _base_of(ckpt_dir: Path, manifest: dict) -> dict:
