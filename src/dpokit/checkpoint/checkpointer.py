@@ -36,7 +36,6 @@ from dpokit.checkpoint.format import (
     is_sharded,
     load_payload,
     manifest_extra,
-    manifest_files,
     read_manifest,
 )
 from dpokit.checkpoint.retention import RetentionPolicy, apply_retention
@@ -609,15 +608,15 @@ def rewrite_file(
         writer = CheckpointWriter(staging, storage.fsync)
         extra = None
         if directory.is_dir():
-            known = manifest_files(directory)
+            try:
+                manifest = read_manifest(directory) or {}
+            except CheckpointError:  # unreadable: every file is hashed, and the layout is the reference's
+                manifest = {}
             for old in sorted(directory.rglob("*")):
                 name = old.relative_to(directory).as_posix()
                 if name not in (MANIFEST, filename) and not name.startswith(".") and old.is_file():
-                    writer.adopt(old, name, known)  # with the adapter/ and sharded/ files
-            try:
-                extra = manifest_extra(read_manifest(directory))  # its layout (sharded, adapter) stays
-            except CheckpointError:  # unreadable: rewritten as the reference's layout, as before
-                extra = None
+                    writer.adopt(old, name, manifest.get("files", {}))  # with the adapter/ and sharded/ files
+            extra = manifest_extra(manifest)  # its layout (sharded, adapter) stays
         writer.write(filename, step, state, metrics)
         writer.seal(step, metrics, config, extra)
         return storage.commit(staging, directory.name, directory.parent)
