@@ -40,12 +40,12 @@ def cmd_show(path: Path) -> int:
     if not path.exists():
         raise DpokitError(f"{path} does not exist")
     files = [path] if path.is_file() else [path / n for n in CONTRACT_FILES if (path / n).is_file()]
-    sharded = path.is_dir() and is_sharded(read_manifest(path))
-    if not files and not sharded and not (path.is_dir() and is_adapter_only(read_manifest(path))):
+    manifest = read_manifest(path) if path.is_dir() else None
+    sharded = is_sharded(manifest)
+    if not files and not sharded and not is_adapter_only(manifest):
         raise DpokitError(f"{path} holds none of {', '.join(CONTRACT_FILES)}")
     print(f"checkpoint {path}")
     if path.is_dir():
-        manifest = read_manifest(path)
         if manifest is None:
             print("  manifest: none (written by the DPO reference or another tool)")
         else:
@@ -96,14 +96,13 @@ def cmd_show(path: Path) -> int:
 
 def cmd_verify(path: Path) -> int:
     from dpokit.checkpoint import PathKind, checkpoint_dir_of, checkpoint_dirs, kind_of, verify_dir
+    from dpokit.weights import base_problem
 
     if not path.exists():
         print(f"FAIL {path}: does not exist")
         return 1
     if path.is_file():
         path = checkpoint_dir_of(path)
-    from dpokit.weights import base_problem
-
     targets = [p for _, p in checkpoint_dirs(path)] if kind_of(path) is PathKind.RUN else [path]
     bad = 0
     for target in targets:
